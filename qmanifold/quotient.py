@@ -1,0 +1,193 @@
+"""The quotient Q = M/G of a configuration space by a symmetry group, as a fiber bundle M -> Q.
+
+:class:`Quotient` is a thin object over the functional core (:mod:`qmanifold.geometry`,
+:mod:`qmanifold.so3`): it validates shapes, masks and dtypes, picks the lowered coefficients for the
+input's dtype and device, and dispatches to the right implementation. All methods take
+configurations ``x`` of shape ``(..., N, d)`` with an optional bool ``mask`` ``(..., N)`` and return
+zeros at padded points.
+
+Reference: Xu et al., "Quotient-space diffusion models", ICLR 2026 (arXiv 2604.21809).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import geometry as G
+from . import so3
+from ._validation import check_mask, check_points, check_same_shape, maybe_check_finite
+from .discrete import DiscreteGroup, ProductGroup
+from .lie import LieGroup
+from .manifolds import Euclidean
+from .masking import apply_mask, center
+
+__all__ = ["Quotient"]
+
+_BACKENDS = ("auto", "generic", "fast")
+
+
+class Quotient:
+    """The quotient of configurations of points in R^d by ``group``.
+
+    Args:
+        group: a :class:`~qmanifold.lie.LieGroup`, a discrete group
+            (:class:`~qmanifold.discrete.Permutations`, :class:`~qmanifold.discrete.Lattice`) or a
+            :class:`~qmanifold.discrete.ProductGroup` of both.
+        backend: ``"auto"`` (a hand-written fast path where one exists: SO(3)/SE(3)), ``"generic"``
+            (always the symbolic lowering) or ``"fast"`` (require a fast path).
+
+    Raises:
+        ValueError: the group acts by non-orthogonal matrices (the quotient metric and the lifted
+            SDE need an isometric action), or ``backend`` is unknown / unavailable.
+    """
+
+    def __init__(self, group, backend: str = "auto"):
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {_BACKENDS}")
+        if isinstance(group, ProductGroup):
+            lie, discrete = group.lie, group.discrete
+        elif isinstance(group, LieGroup):
+            lie, discrete = group, None
+        elif isinstance(group, DiscreteGroup):
+            lie, discrete = None, group
+        else:
+            raise TypeError(f"Quotient needs a LieGroup, a discrete group or a ProductGroup, got {type(group).__name__}")
+        if lie is not None and not lie.is_isometric:
+            raise ValueError(
+                f"{lie.name} acts by non-orthogonal matrices (a generator is not skew-symmetric): the "
+                "quotient metric, the horizontal projection as a Riemannian submersion and the lifted SDE "
+                "need an isometric action"
+            )
+        self.group = group
+        self.lie = lie
+        self.discrete = discrete
+        self.point_dim = lie.point_dim if lie is not None else discrete.point_dim
+        self.translations = bool(lie.translations) if lie is not None else False
+        self.total_space = Euclidean(self.point_dim) if self.point_dim is not None else None
+        has_fast = lie is not None and lie.kind == "special_orthogonal" and lie.point_dim == 3
+        if backend == "fast" and not has_fast:
+            raise ValueError(f"no hand-written fast path for {self.name}; use backend='generic' or 'auto'")
+        self.backend = "fast" if (has_fast and backend != "generic") else "generic"
+
+    # -- descriptive ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    @property
+    def has_continuous_fibers(self) -> bool:
+        """True when the group has a Lie factor (a vertical space, projection and curvature)."""
+        return self.lie is not None
+
+    def fiber_dim(self) -> int:
+        """Dimension of a generic orbit (the group dimension, 0 for discrete groups)."""
+        return self.lie.algebra_dim if self.lie is not None else 0
+
+    def __repr__(self) -> str:
+        return f"Quotient({self.name!r}, backend={self.backend!r})"
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def _check(self, x, mask, v=None, x_name="x"):
+        check_points(x, self.point_dim, x_name)
+        check_mask(mask, x)
+        maybe_check_finite(x, x_name)
+        if v is not None:
+            check_same_shape(v, x, "v", x_name)
+            maybe_check_finite(v, "v")
+
+    def _geom(self, x):
+        return self.lie.lowered(x.dtype, x.device)
+
+    # -- bundle geometry -------------------------------------------------------------------------
+
+    def center(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Remove the centre of mass when the group has translations (else only mask)."""
+        self._check(x, mask)
+        return center(x, mask) if self.translations else apply_mask(x, mask)
+
+    def horizontal_projection(self, v: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``P_x(v)``: the component of ``v`` orthogonal to the orbit through ``x``: ``(..., N, d)``."""
+        self._check(x, mask, v)
+        if self.lie is None:
+            return apply_mask(v, mask)
+        if self.backend == "fast":
+            return so3.horizontal_projection(v, x, mask, self.translations)
+        return G.horizontal_projection(self._geom(x), v, x, mask, self.translations)
+
+    def vertical_projection(self, v: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``v - P_x(v)``: the component of ``v`` tangent to the orbit (rigid motions for SE(3))."""
+        self._check(x, mask, v)
+        if self.lie is None:
+            return torch.zeros_like(v)
+        if self.backend == "fast":
+            return so3.vertical_projection(v, x, mask, self.translations)
+        return G.vertical_projection(self._geom(x), v, x, mask, self.translations)
+
+    def mean_curvature(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Lifted mean-curvature vector ``h(x) = -1/2 grad log det Gram(x)`` (horizontal)."""
+        self._check(x, mask)
+        if self.lie is None:
+            return torch.zeros_like(x)
+        if self.backend == "fast":
+            return so3.mean_curvature(x, mask, self.translations)
+        return G.mean_curvature(self._geom(x), x, mask, self.translations)
+
+    def log_orbit_volume(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``1/2 log det Gram(x)`` up to an additive constant: ``(...,)``."""
+        self._check(x, mask)
+        if self.lie is None:
+            return torch.zeros(x.shape[:-2], dtype=x.dtype, device=x.device)
+        return G.log_orbit_volume(self._geom(x), x, mask, self.translations)
+
+    def conditioning(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample ``lambda_min / lambda_max`` of Gram (0 on the singular set): ``(...,)``."""
+        self._check(x, mask)
+        if self.lie is None or not self.lie.generators:
+            return torch.ones(x.shape[:-2], dtype=x.dtype, device=x.device)
+        return G.conditioning(self._geom(x), x, mask, self.translations)
+
+    # -- orbits ----------------------------------------------------------------------------------
+
+    def align(self, x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The point of x's orbit closest to ``ref`` (Kabsch for rotation groups)."""
+        self._check(x, mask)
+        check_same_shape(ref, x, "ref", "x")
+        return self.group.align(x, ref, mask)
+
+    def dist(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Quotient distance ``min_g |g x - y|`` over real points: ``(...,)``."""
+        diff = self.align(x, y, mask) - apply_mask(y, mask)
+        return diff.square().sum((-2, -1)).clamp_min(0).sqrt()
+
+    def canonicalize(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A canonical representative of x's orbit under the discrete factor (sort / wrap)."""
+        self._check(x, mask)
+        if self.discrete is None:
+            raise ValueError(
+                f"{self.name} has no discrete factor; for continuous groups use align(x, ref) against a "
+                "reference configuration"
+            )
+        return self.discrete.canonicalize(x, mask)
+
+    def random_element(self, batch_shape=(), **kwargs):
+        """Random group elements (Haar for the compact factors); see the group's method."""
+        return self.group.random_element(batch_shape, **kwargs)
+
+    def act(self, g, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the group element ``g`` to the configuration ``x``."""
+        self._check(x, mask)
+        return self.group.act(g, x, mask)
+
+    def act_on_vectors(self, g, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the differential of ``g`` to tangent vectors ``v`` (no translation part)."""
+        return self.group.act_on_vectors(g, v, mask)
+
+    def orbit_dimension_ok(self, num_points: int) -> bool:
+        """Whether a generic configuration of ``num_points`` points has a free orbit (full rank Gram)."""
+        if self.lie is None or not self.lie.generators:
+            return True
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(num_points, self.point_dim, generator=gen, dtype=torch.float64)
+        return bool(self.conditioning(x) > 1e-8)
