@@ -17,6 +17,9 @@ from .lie import GroupElement, LieGroup, haar_so3, haar_special_orthogonal, kabs
 from .manifolds import Euclidean
 from .masking import center
 from .quotient import Quotient
+from .schedules import GeneralInterpolant, HarmonicPrior, Interpolant, available_interpolants, make_interpolant
+from .sde import SDE, ProjectedSDE, integrate
+from .diffusion import QuotientDiffusion
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,15 @@ __all__ = [
     "ProductGroup",
     "ProductElement",
     "Quotient",
+    "SDE",
+    "ProjectedSDE",
+    "integrate",
+    "QuotientDiffusion",
+    "Interpolant",
+    "GeneralInterpolant",
+    "HarmonicPrior",
+    "make_interpolant",
+    "available_interpolants",
     "Euclidean",
     "center",
     "finite_checks",

@@ -148,6 +148,38 @@ class Quotient:
             return torch.ones(x.shape[:-2], dtype=x.dtype, device=x.device)
         return G.conditioning(self._geom(x), x, mask, self.translations)
 
+    # -- SDEs ------------------------------------------------------------------------------------
+
+    def lift(self, sde, *, curvature_factor: float = 1.0):
+        """The lifted SDE ``dx = [P_x f - c (sigma^2/2) h] dt + sigma P_x dW`` on M (Ito).
+
+        ``curvature_factor`` c is 1 for the correct lift (Theorems 2 and 4 of Xu et al.); 0 (no
+        correction) and -1 (the ``+ eta h`` sign printed in the paper's Algorithm 3) are the known
+        wrong variants, exposed for negative controls.
+        """
+        from .sde import ProjectedSDE
+
+        return ProjectedSDE(
+            sde,
+            project=lambda v, x, mask=None: self.horizontal_projection(v, x, mask),
+            curvature=lambda x, mask=None: self.mean_curvature(x, mask),
+            curvature_factor=curvature_factor,
+            name=f"lifted to {self.name}",
+        )
+
+    def conventional(self, sde):
+        """The same SDE run conventionally on M: drift and noise only centred when the group has
+        translations (the usual centre-of-mass-free diffusion), no rotational projection or curvature."""
+        from .sde import ProjectedSDE
+
+        return ProjectedSDE(
+            sde,
+            project=lambda v, x, mask=None: self.center(v, mask),
+            curvature=None,
+            curvature_factor=0.0,
+            name="conventional",
+        )
+
     # -- orbits ----------------------------------------------------------------------------------
 
     def align(self, x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,440 @@
+r"""``QuotientDiffusion``: any torch denoiser, trained and sampled on a quotient space M/G.
+
+Training (``loss``), with ``x_t = ahat_t eps + beta_t x1`` (t = 0 noise, t = 1 data), ``eps`` a
+standard Gaussian in the centre-of-mass-free subspace when the group has translations:
+
+* ``"quotient"`` (Xu et al., ICLR 2026): ``w(t) || P_{x_t}( D(x_t, t) - x1 ) ||^2`` (or
+  ``|| P_{x_t}(v_theta - v_t) ||^2`` with ``prediction="v"``). Projection at the noisy point, on the
+  residual, no alignment: the vertical part of the network output is free and never used.
+* ``"conventional"``: ``w(t) || D - x1 ||^2`` (centre-of-mass free).
+* ``"geodiff_align"``: ``x1`` is first aligned onto ``x_t`` (Kabsch for SE(3)), GeoDiff-style.
+* ``"af3_align"``: ``x1`` is first aligned onto the stop-gradient prediction, AlphaFold3-style.
+
+The three baselines are for comparison; the aligned ones have no consistent sampler (the paper's
+point).
+
+Sampling (``sample``): with ``v`` the velocity and ``s`` the score derived from D, and ``eta(t)``
+
+* ``"ode"`` (quotient): ``dx = P_x v dt``; conventional: ``dx = v dt``;
+* ``"sde"`` (quotient): ``dx = [P_x(v + eta s) - eta h] dt + sqrt(2 eta) P_x dW``;
+  conventional: ``dx = (v + eta s) dt + sqrt(2 eta) dW`` (noise centred when there are translations);
+* ``"heun"``: Heun's second-order method on the ODE;
+* ``"edm"``: EDM-style stochastic sampler (Karras et al. 2022, Alg. 2): lifted noise injection
+  ("churn") then a Heun step.
+
+The sampler geometry defaults to the loss: quotient samplers for ``loss="quotient"``, conventional
+samplers for the baselines.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import sympy
+import torch
+from torch import nn
+
+from ._validation import check_finite, check_mask, check_points
+from .masking import apply_mask
+from .quotient import Quotient
+from .schedules import GeneralInterpolant, Interpolant, check_time, make_interpolant
+from .sde import SDE, integrate
+from .symbolic import T, as_sympy, lower
+
+__all__ = ["QuotientDiffusion", "LOSSES", "SAMPLERS", "PREDICTIONS"]
+
+LOSSES = ("quotient", "conventional", "geodiff_align", "af3_align")
+PREDICTIONS = ("x1", "v")
+SAMPLERS = ("ode", "sde", "heun", "edm")
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+class QuotientDiffusion(nn.Module):
+    """A diffusion / flow model on the quotient ``quotient`` around a user denoiser.
+
+    Args:
+        quotient: a :class:`~qmanifold.Quotient` (e.g. ``Quotient(groups.SE3)``).
+        denoiser: any ``nn.Module`` (or callable) called as ``denoiser(x_t, t, mask=mask, **cond)``
+            with ``x_t`` of shape ``(B, N, d)`` and ``t`` of shape ``(B,)``, returning ``(B, N, d)``:
+            the clean-data prediction (``prediction="x1"``) or the velocity (``prediction="v"``).
+        interpolant: a name (``"linear"``, ``"vp_cosine"``, ``"vp_linear"``, ``"edm"``), an
+            :class:`~qmanifold.schedules.Interpolant`, or a
+            :class:`~qmanifold.schedules.GeneralInterpolant` with a prior (velocity prediction).
+        prediction: ``"x1"`` or ``"v"``.
+        loss: one of :data:`LOSSES`.
+        augment: apply an exactly Haar random rotation to each ``x1`` in :meth:`loss` (for
+            non-equivariant denoisers).
+        validate: check the denoiser's output shape and finiteness and the user data (NaN/inf) at
+            each call (one host synchronisation per call).
+    """
+
+    def __init__(
+        self,
+        quotient: Quotient,
+        denoiser: Callable,
+        interpolant: str | Interpolant | GeneralInterpolant = "linear",
+        prediction: str = "x1",
+        loss: str = "quotient",
+        *,
+        augment: bool = False,
+        validate: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(quotient, Quotient):
+            raise TypeError(f"quotient must be a qmanifold.Quotient, got {type(quotient).__name__}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+        if isinstance(interpolant, str):
+            interpolant = make_interpolant(interpolant)
+        if not isinstance(interpolant, (Interpolant, GeneralInterpolant)):
+            raise TypeError(f"interpolant must be a name or an Interpolant, got {type(interpolant).__name__}")
+        self.general = isinstance(interpolant, GeneralInterpolant)
+        if self.general and prediction != "v":
+            raise ValueError("a GeneralInterpolant (non-Gaussian prior) is trained with prediction='v'")
+        if loss in ("geodiff_align", "af3_align") and prediction != "x1":
+            raise ValueError(f"the {loss} baseline is defined for prediction='x1' (alignment of the clean target)")
+        if augment and (quotient.lie is None or quotient.lie._haar is None):
+            raise ValueError(f"augment=True needs a compact rotation factor with a Haar sampler; {quotient.name} has none")
+        self.quotient = quotient
+        self.denoiser = denoiser
+        self.interpolant = interpolant
+        self.prediction = prediction
+        self.loss_type = loss
+        self.augment = augment
+        self.validate = validate
+
+    # ------------------------------------------------------------------------------------------
+    # helpers
+
+    def _reference_tensor(self, cond: dict) -> tuple[torch.dtype, torch.device]:
+        if isinstance(self.denoiser, nn.Module):
+            for p in self.denoiser.parameters():
+                return p.dtype if p.dtype.is_floating_point else torch.get_default_dtype(), p.device
+        return torch.get_default_dtype(), torch.device("cpu")
+
+    def _check_data(self, x: torch.Tensor, mask: torch.Tensor | None, name: str = "x1") -> None:
+        check_points(x, self.quotient.point_dim, name)
+        check_mask(mask, x)
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape (B, N, d), got {tuple(x.shape)}")
+        if self.validate:
+            check_finite(apply_mask(x, mask), name)
+            if mask is not None and not bool(mask.any(-1).all()):
+                raise ValueError("mask has a configuration with no real point")
+
+    def _call_denoiser(self, x_t: torch.Tensor, t: torch.Tensor, mask, cond: dict) -> torch.Tensor:
+        out = self.denoiser(x_t, t, mask=mask, **cond)
+        if not isinstance(out, torch.Tensor) or out.shape != x_t.shape:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the denoiser returned {shape}, expected a tensor of shape {tuple(x_t.shape)} like x_t")
+        if self.validate:
+            check_finite(apply_mask(out, mask), "denoiser output")
+        return out
+
+    def _noise(self, shape, mask, generator, dtype, device) -> torch.Tensor:
+        """Standard Gaussian in the centre-of-mass-free subspace (if translations), padded zeros."""
+        z = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        return self.quotient.center(z, mask) if self.quotient.translations else apply_mask(z, mask)
+
+    def _prepare_x1(self, x1: torch.Tensor, mask, generator) -> torch.Tensor:
+        x1 = self.quotient.center(x1, mask)
+        if self.augment:
+            g = self.quotient.lie.random_element(x1.shape[:-2], generator=generator, dtype=x1.dtype, device=x1.device)
+            x1 = apply_mask(x1 @ g.matrix.transpose(-1, -2), mask)
+        return x1
+
+    # ------------------------------------------------------------------------------------------
+    # training
+
+    def forward(self, x1: torch.Tensor, mask: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """Alias of :meth:`loss` (so that DDP wraps the loss computation)."""
+        return self.loss(x1, mask, **cond)
+
+    def loss(
+        self,
+        x1: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        t: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+        **cond,
+    ) -> torch.Tensor:
+        """The training loss on a batch ``x1`` ``(B, N, d)`` (data, Å for molecules).
+
+        Args:
+            mask: ``(B, N)`` bool, True on real points.
+            t: optional times ``(B,)`` in [0, 1]; default uniform on ``[0, t_max]``.
+            generator: for reproducible noise / times / augmentation.
+            reduction: ``"mean"`` (a scalar) or ``"none"`` (per sample, ``(B,)``).
+            **cond: passed to the denoiser (e.g. ``atom_types``, ``bond_types``).
+
+        Per sample: ``w(t) * sum_real |r|^2 / (N_real d)`` with the residual ``r`` of the chosen loss.
+        """
+        self._check_data(x1, mask)
+        batch = x1.shape[0]
+        dtype, device = x1.dtype, x1.device
+        if t is None:
+            t = torch.rand(batch, generator=generator, dtype=dtype, device=device) * self.interpolant.t_max
+        else:
+            t = check_time(t).to(dtype=dtype, device=device)
+            if t.shape != (batch,):
+                raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+        x1 = self._prepare_x1(x1, mask, generator)
+        eps = self._noise(x1.shape, mask, generator, dtype, device)
+        interp = self.interpolant
+        if self.general:
+            x0 = interp.sample_prior(cond.get("bond_types"), mask, generator=generator, dtype=dtype) if interp.prior is not None else self._noise(x1.shape, mask, generator, dtype, device)
+            x0 = self.quotient.center(x0.to(dtype), mask)
+            x_t = apply_mask(interp.sample_xt(x0, x1, t, eps), mask)
+            target = interp.target_velocity(x0, x1, eps, t)
+        else:
+            x_t = apply_mask(interp.sample_xt(x1, t, eps), mask)
+            target = x1 if self.prediction == "x1" else interp.target_velocity(x1, eps, t)
+        out = self._call_denoiser(x_t, t, mask, cond)
+        if self.loss_type == "geodiff_align":
+            target = self.quotient.align(x1, x_t, mask)
+        elif self.loss_type == "af3_align":
+            target = self.quotient.align(x1, out.detach(), mask)
+        residual = out - target
+        if self.loss_type == "quotient":
+            residual = self.quotient.horizontal_projection(residual, x_t, mask)
+        else:
+            residual = self.quotient.center(residual, mask)
+        dof = (mask.sum(-1).to(dtype) if mask is not None else torch.full((batch,), x1.shape[-2], dtype=dtype, device=device)) * x1.shape[-1]
+        weight = interp.weight(t).to(dtype) if hasattr(interp, "weight") else torch.ones_like(t)
+        per_sample = weight * residual.square().sum((-2, -1)) / dof
+        if reduction == "mean":
+            return per_sample.mean()
+        if reduction == "none":
+            return per_sample
+        raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'none'")
+
+    # ------------------------------------------------------------------------------------------
+    # sampling
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, mask=None, **cond) -> torch.Tensor:
+        """The model's marginal velocity ``v(x, t)`` (from D for ``prediction="x1"``)."""
+        out = self._call_denoiser(x, t, mask, cond)
+        if self.prediction == "v":
+            return out
+        return self.interpolant.velocity_from_denoiser(x, out, t)
+
+    def velocity_and_score(self, x, t, mask=None, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(v, s)`` with ``s = -(x - beta D)/ahat^2`` (Gaussian-prior interpolants only)."""
+        out = self._call_denoiser(x, t, mask, cond)
+        interp = self.interpolant
+        if self.prediction == "v":
+            v = out
+            d = interp.denoiser_from_velocity(x, v, t)
+        else:
+            d = out
+            v = interp.velocity_from_denoiser(x, d, t)
+        return v, interp.score_from_denoiser(x, d, t)
+
+    def _eta(self, eta) -> Callable:
+        if eta is None:
+            if self.general:
+                raise ValueError("the SDE sampler needs a Gaussian-prior interpolant")
+            eta = self.interpolant.ahat_expr ** 2
+        if callable(eta) and not isinstance(eta, (sympy.Basic, str)):
+            return eta
+        fn = lower(as_sympy(eta, T, name="eta"), T)
+        return fn
+
+    def _time_grid(self, steps: int, grid, dtype, device) -> torch.Tensor:
+        if isinstance(grid, torch.Tensor):
+            times = grid.to(dtype=dtype, device=device)
+            if times.dim() != 1 or times.shape[0] < 2:
+                raise ValueError("a custom time grid must be a 1-D tensor with at least two times")
+            return times
+        if grid == "uniform":
+            return torch.linspace(0.0, 1.0, steps + 1, dtype=dtype, device=device)
+        if grid == "edm":
+            from .schedules import edm_time_grid
+
+            return edm_time_grid(steps).to(dtype=dtype, device=device)
+        raise ValueError(f"unknown time grid {grid!r}; choose 'uniform', 'edm' or pass a tensor")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        shape: tuple[int, int, int] | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        steps: int = 50,
+        sampler: str = "ode",
+        eta: Any = None,
+        geometry: str | None = None,
+        generator: torch.Generator | None = None,
+        time_grid: str | torch.Tensor = "uniform",
+        churn: float = 0.5,
+        return_trajectory: bool = False,
+        chunk_size: int | None = None,
+        progress: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        curvature_factor: float = 1.0,
+        x0: torch.Tensor | None = None,
+        **cond,
+    ):
+        """Draw samples ``(B, N, d)`` (and the trajectory ``(steps+1, B, N, d)`` if asked).
+
+        Args:
+            shape: ``(B, N, d)``; or give ``mask`` ``(B, N)`` for variable sizes.
+            steps: number of time steps (denoiser evaluations: ``steps`` for ode/sde, about
+                ``2 steps`` for heun/edm).
+            sampler: ``"ode"``, ``"sde"``, ``"heun"`` or ``"edm"``.
+            eta: SDE noise level: a number, a sympy expression / string in t, or a callable of the
+                time tensor; default ``ahat(t)^2``.
+            geometry: ``"quotient"`` or ``"conventional"``; default from the loss.
+            generator: a ``torch.Generator`` (same seed, same samples).
+            time_grid: ``"uniform"``, ``"edm"`` (rho = 7) or a 1-D tensor of times from 0 to 1.
+            churn: EDM noise injection per step, as a fraction of the step (``sampler="edm"``).
+            chunk_size: sample at most this many configurations at a time (memory).
+            progress: show a progress bar.
+            curvature_factor: 1 (correct). 0 / -1 give the known-wrong variants (negative controls).
+            x0: optional initial noise ``(B, N, d)``.
+            **cond: conditioning tensors with leading batch dimension B, passed to the denoiser.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        geometry = geometry or ("quotient" if self.loss_type == "quotient" else "conventional")
+        if geometry not in ("quotient", "conventional"):
+            raise ValueError(f"unknown geometry {geometry!r}; choose 'quotient' or 'conventional'")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        ref_dtype, ref_device = self._reference_tensor(cond)
+        dtype = dtype or ref_dtype
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.dim() != 2:
+                raise ValueError(f"mask must be a (B, N) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+            device = device or mask.device
+            shape = shape or (mask.shape[0], mask.shape[1], self.quotient.point_dim)
+            if tuple(shape[:2]) != tuple(mask.shape):
+                raise ValueError(f"shape {tuple(shape)} does not match mask shape {tuple(mask.shape)}")
+        if x0 is not None:
+            shape = tuple(x0.shape)
+        if shape is None:
+            raise ValueError("give shape=(B, N, d) or a mask (B, N)")
+        device = torch.device(device or ref_device)
+        if len(shape) != 3 or shape[-1] != self.quotient.point_dim:
+            raise ValueError(f"shape must be (B, N, {self.quotient.point_dim}), got {tuple(shape)}")
+        batch = shape[0]
+        for key, value in cond.items():
+            if isinstance(value, torch.Tensor) and value.shape[:1] != (batch,):
+                raise ValueError(f"conditioning {key!r} has leading dimension {value.shape[0] if value.dim() else 'none'}, expected {batch}")
+        if chunk_size is not None and batch > chunk_size:
+            pieces, trajs = [], []
+            for start in range(0, batch, chunk_size):
+                sl = slice(start, min(batch, start + chunk_size))
+                sub_cond = {k: (v[sl] if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+                out = self.sample(
+                    (sl.stop - sl.start, *shape[1:]),
+                    mask[sl] if mask is not None else None,
+                    steps=steps, sampler=sampler, eta=eta, geometry=geometry, generator=generator,
+                    time_grid=time_grid, churn=churn, return_trajectory=return_trajectory, chunk_size=None,
+                    progress=progress, dtype=dtype, device=device, curvature_factor=curvature_factor,
+                    x0=x0[sl] if x0 is not None else None, **sub_cond,
+                )
+                if return_trajectory:
+                    pieces.append(out[0])
+                    trajs.append(out[1])
+                else:
+                    pieces.append(out)
+            result = torch.cat(pieces)
+            return (result, torch.cat(trajs, 1)) if return_trajectory else result
+
+        if x0 is None:
+            if self.general and self.interpolant.prior is not None:
+                x0 = self.interpolant.sample_prior(cond.get("bond_types"), mask, generator=generator, dtype=dtype)
+                x0 = self.quotient.center(x0.to(device), mask)
+            else:
+                x0 = self._noise(tuple(shape), mask, generator, dtype, device)
+        else:
+            self._check_data(x0, mask, "x0")
+        times = self._time_grid(steps, time_grid, dtype, device)
+        bar = _progress(times.shape[0] - 1, progress, f"sampling ({sampler}, {geometry})")
+        callback = (lambda i, t, x: bar.update(1)) if bar is not None else None
+        try:
+            if sampler in ("ode", "sde"):
+                result = self._sample_em(x0, times, mask, sampler, eta, geometry, generator, return_trajectory, callback, curvature_factor, cond)
+            else:
+                result = self._sample_heun(x0, times, mask, sampler, churn, geometry, generator, return_trajectory, callback, curvature_factor, cond)
+        finally:
+            if bar is not None:
+                bar.close()
+        return result
+
+    def _projected(self, sde: SDE, geometry: str, curvature_factor: float):
+        if geometry == "quotient":
+            return self.quotient.lift(sde, curvature_factor=curvature_factor)
+        return self.quotient.conventional(sde)
+
+    def _sample_em(self, x0, times, mask, sampler, eta, geometry, generator, trajectory, callback, curvature_factor, cond):
+        if sampler == "ode":
+            sde = SDE(drift=lambda x, t, mask=None: self.velocity(x, t, mask, **cond), diffusion=0)
+        else:
+            eta_fn = self._eta(eta)
+
+            def drift(x, t, mask=None):
+                v, s = self.velocity_and_score(x, t, mask, **cond)
+                return v + eta_fn(t).to(x.dtype).reshape(-1, 1, 1) * s
+
+            sde = SDE(drift=drift, diffusion=lambda t: torch.sqrt(2.0 * eta_fn(t)))
+        return integrate(
+            self._projected(sde, geometry, curvature_factor), x0, times=times, mask=mask,
+            generator=generator, return_trajectory=trajectory, callback=callback,
+        )
+
+    def _sample_heun(self, x0, times, mask, sampler, churn, geometry, generator, trajectory, callback, curvature_factor, cond):
+        """Heun (second order) on the (lifted) probability-flow ODE, with EDM churn for ``"edm"``.
+
+        The churn step moves from t back to an earlier (noisier) time t_hat with the same
+        marginal: ``y = (beta(t_hat)/beta(t)) x`` then a lifted Brownian increment of variance
+        ``ahat(t_hat)^2 - (beta(t_hat) ahat(t) / beta(t))^2``:
+        ``y + s P_y(z) - c (s^2/2) h(y)`` (quotient) or ``y + s z`` (conventional).
+        The corrector is skipped on a final step that reaches ``t > t_max`` (ahat = 0 there).
+        """
+        interp = self.interpolant
+        q = self.quotient
+        project = (lambda v, x: q.horizontal_projection(v, x, mask)) if geometry == "quotient" else (lambda v, x: q.center(v, mask))
+        batch_shape = x0.shape[:-2]
+        x = x0
+        traj = [x] if trajectory else None
+        t_list = times.tolist()  # the grid is not data: branching on it is fine
+        t_max = getattr(interp, "t_max", 1.0)
+        for i in range(len(t_list) - 1):
+            t_cur, t_next = times[i], times[i + 1]
+            if sampler == "edm" and churn > 0 and 0 < i < len(t_list) - 2:
+                t_hat = (t_cur - churn * (t_next - t_cur)).clamp_min(0.0)
+                ratio = interp.beta(t_hat) / interp.beta(t_cur).clamp_min(torch.finfo(x.dtype).tiny)
+                var = (interp.ahat(t_hat).square() - (ratio * interp.ahat(t_cur)).square()).clamp_min(0.0)
+                s = var.sqrt()
+                y = ratio * x
+                z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                y = y + s * project(z, y)
+                if geometry == "quotient":
+                    y = y - curvature_factor * 0.5 * var * q.mean_curvature(y, mask)
+                x, t_cur = apply_mask(y, mask), t_hat
+            dt = t_next - t_cur
+            d_cur = project(self.velocity(x, t_cur.expand(batch_shape), mask, **cond), x)
+            x_next = x + dt * d_cur
+            if t_list[i + 1] <= t_max:
+                d_next = project(self.velocity(x_next, t_next.expand(batch_shape), mask, **cond), x_next)
+                x_next = x + 0.5 * dt * (d_cur + d_next)
+            x = apply_mask(x_next, mask)
+            if traj is not None:
+                traj.append(x)
+            if callback is not None:
+                callback(i, t_next, x)
+        return (x, torch.stack(traj)) if traj is not None else x
