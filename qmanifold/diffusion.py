@@ -38,7 +38,7 @@ from ._validation import check_finite, check_mask, check_points
 from .masking import apply_mask
 from .quotient import Quotient
 from .schedules import GeneralInterpolant, Interpolant, check_time, make_interpolant
-from .sde import SDE, integrate
+from .sde import SDE, integrate, tame
 from .symbolic import T, as_sympy, lower
 
 __all__ = ["QuotientDiffusion", "LOSSES", "SAMPLERS", "PREDICTIONS"]
@@ -319,6 +319,8 @@ class QuotientDiffusion(nn.Module):
             if mask.dtype != torch.bool or mask.dim() != 2:
                 raise ValueError(f"mask must be a (B, N) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
             device = device or mask.device
+            if shape is None and self.quotient.point_dim is None:
+                raise ValueError(f"{self.quotient.name} acts on points of any dimension: give shape=(B, N, d)")
             shape = shape or (mask.shape[0], mask.shape[1], self.quotient.point_dim)
             if tuple(shape[:2]) != tuple(mask.shape):
                 raise ValueError(f"shape {tuple(shape)} does not match mask shape {tuple(mask.shape)}")
@@ -327,8 +329,9 @@ class QuotientDiffusion(nn.Module):
         if shape is None:
             raise ValueError("give shape=(B, N, d) or a mask (B, N)")
         device = torch.device(device or ref_device)
-        if len(shape) != 3 or shape[-1] != self.quotient.point_dim:
-            raise ValueError(f"shape must be (B, N, {self.quotient.point_dim}), got {tuple(shape)}")
+        point_dim = self.quotient.point_dim
+        if len(shape) != 3 or (point_dim is not None and shape[-1] != point_dim):
+            raise ValueError(f"shape must be (B, N, {point_dim or 'd'}), got {tuple(shape)}")
         batch = shape[0]
         for key, value in cond.items():
             if isinstance(value, torch.Tensor) and value.shape[:1] != (batch,):
@@ -402,7 +405,8 @@ class QuotientDiffusion(nn.Module):
         The churn step moves from t back to an earlier (noisier) time t_hat with the same
         marginal: ``y = (beta(t_hat)/beta(t)) x`` then a lifted Brownian increment of variance
         ``ahat(t_hat)^2 - (beta(t_hat) ahat(t) / beta(t))^2``:
-        ``y + s P_y(z) - c (s^2/2) h(y)`` (quotient) or ``y + s z`` (conventional).
+        ``y + s P_y(z) - c (s^2/2) h(y)`` (quotient; the curvature increment tamed to norm <= s, see
+        :func:`qmanifold.sde.tame`) or ``y + s z`` (conventional).
         The corrector is skipped on a final step that reaches ``t > t_max`` (ahat = 0 there).
         """
         interp = self.interpolant
@@ -424,7 +428,7 @@ class QuotientDiffusion(nn.Module):
                 z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
                 y = y + s * project(z, y)
                 if geometry == "quotient":
-                    y = y - curvature_factor * 0.5 * var * q.mean_curvature(y, mask)
+                    y = y + tame(-curvature_factor * 0.5 * var * q.mean_curvature(y, mask), s)
                 x, t_cur = apply_mask(y, mask), t_hat
             dt = t_next - t_cur
             d_cur = project(self.velocity(x, t_cur.expand(batch_shape), mask, **cond), x)

@@ -31,7 +31,7 @@ import torch
 from .masking import apply_mask
 from .symbolic import T, as_sympy, lower
 
-__all__ = ["SDE", "ProjectedSDE", "integrate", "time_grid", "X"]
+__all__ = ["SDE", "ProjectedSDE", "integrate", "tame", "time_grid", "X"]
 
 #: The configuration symbol for symbolic drifts, e.g. ``-X / 2`` or ``"-x/2"``.
 X = sympy.Symbol("x", real=True)
@@ -132,13 +132,21 @@ class ProjectedSDE:
         self.name = name
         self.is_ode = sde.is_ode
 
-    def drift(self, x, t, mask=None):
-        f = self._project(self.sde.drift(x, t, mask), x, mask)
+    def projected_drift(self, x, t, mask=None):
+        """``project_x(f(x, t))``."""
+        return self._project(self.sde.drift(x, t, mask), x, mask)
+
+    def curvature_drift(self, x, t, mask=None):
+        """``-c (sigma(t)^2 / 2) curvature(x)`` (zeros for an ODE or without curvature)."""
         if self._curvature is None or self.curvature_factor == 0.0 or self.is_ode:
-            return f
+            return torch.zeros_like(x)
         sigma = self.sde.sigma(t).to(x.dtype)
         coeff = (self.curvature_factor * 0.5 * sigma.square()).reshape(*t.shape, 1, 1)
-        return f - coeff * self._curvature(x, mask)
+        return -coeff * self._curvature(x, mask)
+
+    def drift(self, x, t, mask=None):
+        """The full lifted drift ``project_x(f) - c (sigma^2/2) curvature(x)``."""
+        return self.projected_drift(x, t, mask) + self.curvature_drift(x, t, mask)
 
     def sigma(self, t):
         return self.sde.sigma(t)
@@ -160,6 +168,14 @@ def time_grid(t0: float, t1: float, steps: int, *, dtype=torch.float32, device="
 _METHODS = ("euler_maruyama", "heun")
 
 
+def tame(increment: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Scale each configuration's ``increment`` ``(..., N, d)`` down to norm at most ``limit``
+    (broadcastable to ``(..., 1, 1)``); no host synchronisation."""
+    norm = increment.square().sum((-2, -1), keepdim=True).sqrt()
+    scale = torch.clamp(limit / norm.clamp_min(torch.finfo(increment.dtype).tiny), max=1.0)
+    return increment * scale
+
+
 def integrate(
     sde,
     x0: torch.Tensor,
@@ -173,6 +189,7 @@ def integrate(
     times: torch.Tensor | None = None,
     return_trajectory: bool = False,
     callback: Callable | None = None,
+    tame_curvature: bool = True,
 ):
     """Integrate ``sde`` (an :class:`SDE` or a lifted :class:`ProjectedSDE`) from ``x0``.
 
@@ -185,6 +202,10 @@ def integrate(
         times: a 1-D tensor of times (monotone) to use instead of the uniform grid.
         return_trajectory: also return the states at every grid time, ``(len(times), ..., N, d)``.
         callback: called as ``callback(step, t, x)`` after each step (e.g. a progress bar).
+        tame_curvature: limit the norm of each step's curvature increment ``-c (sigma^2/2) h dt``
+            to the noise scale ``sigma sqrt(dt)`` (see :func:`tame`). Near the singular set |h|
+            grows like 1/distance and an explicit Euler step overshoots; the limit binds only
+            within O(sigma sqrt(dt)) of that set, so the scheme stays consistent as dt -> 0.
 
     Returns:
         ``x`` at the final time, or ``(x, trajectory)``.
@@ -205,10 +226,12 @@ def integrate(
     x = apply_mask(x0, mask)
     trajectory = [x] if return_trajectory else None
     n_steps = times.shape[0] - 1
+    # Split the lifted drift so that its curvature part can be tamed (Euler-Maruyama only).
+    split = tame_curvature and method == "euler_maruyama" and not sde.is_ode and hasattr(sde, "curvature_drift")
     for i in range(n_steps):
         t = times[i].expand(batch_shape)
         dt = times[i + 1] - times[i]
-        drift = sde.drift(x, t, mask)
+        drift = sde.projected_drift(x, t, mask) if split else sde.drift(x, t, mask)
         if method == "heun":
             x_pred = x + dt * drift
             drift_next = sde.drift(x_pred, times[i + 1].expand(batch_shape), mask)
@@ -217,8 +240,11 @@ def integrate(
             x = x + dt * drift
         else:
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            sigma = sde.sigma(t).to(x.dtype).reshape(*batch_shape, 1, 1)
-            x = x + dt * drift + sigma * dt.abs().sqrt() * sde.noise(x, z, mask)
+            noise_scale = sde.sigma(t).to(x.dtype).reshape(*batch_shape, 1, 1) * dt.abs().sqrt()
+            step = dt * drift + noise_scale * sde.noise(x, z, mask)
+            if split:
+                step = step + tame(dt * sde.curvature_drift(x, t, mask), noise_scale)
+            x = x + step
         x = apply_mask(x, mask)
         if trajectory is not None:
             trajectory.append(x)
