@@ -80,6 +80,9 @@ import math
 import numpy as np
 import torch
 
+from ..lie import haar_so3 as _lie_haar_so3
+from ..lie import quaternion_to_matrix as _unit_quaternion_to_matrix
+
 __all__ = [
     "proper_svd",
     "matrix_fisher_log_normalizer",
@@ -251,14 +254,7 @@ def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
     """Rotation matrices (..., 3, 3) from (not necessarily unit) quaternions (..., 4) = (w, x, y, z)."""
     if q.shape[-1:] != (4,):
         raise ValueError(f"quaternions must have shape (..., 4); got {tuple(q.shape)}")
-    q = q / q.norm(dim=-1, keepdim=True)
-    w, x, y, z = q.unbind(-1)
-    rows = [
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ]
-    return torch.stack(rows, dim=-1).reshape(q.shape[:-1] + (3, 3))
+    return _unit_quaternion_to_matrix(q / q.norm(dim=-1, keepdim=True))
 
 
 def haar_so3(
@@ -268,10 +264,8 @@ def haar_so3(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """n Haar-distributed rotations (n, 3, 3) from normalised Gaussian quaternions.
-
-    Random numbers are drawn on the generator's device (CPU if none) and then moved.
-    """
+    """n Haar-distributed rotations (n, 3, 3) (:func:`qmanifold.lie.haar_so3`, drawn in float64 on
+    the generator's device, CPU if none, then moved)."""
     gdev = generator.device if generator is not None else torch.device("cpu")
-    q = torch.randn(n, 4, generator=generator, dtype=torch.float64, device=gdev)
-    return quaternion_to_matrix(q).to(device=device if device is not None else gdev, dtype=dtype)
+    r = _lie_haar_so3((n,), generator, torch.float64, gdev)
+    return r.to(device=device if device is not None else gdev, dtype=dtype)
