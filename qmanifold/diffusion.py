@@ -131,6 +131,13 @@ class QuotientDiffusion(nn.Module):
             if mask is not None and not bool(mask.any(-1).all()):
                 raise ValueError("mask has a configuration with no real point")
 
+    @staticmethod
+    def _check_cond(cond: dict, batch: int) -> None:
+        for key, value in cond.items():
+            if isinstance(value, torch.Tensor) and value.shape[:1] != (batch,):
+                got = value.shape[0] if value.dim() else "none (a scalar)"
+                raise ValueError(f"conditioning {key!r} has leading dimension {got}, expected the batch size {batch}")
+
     def _call_denoiser(self, x_t: torch.Tensor, t: torch.Tensor, mask, cond: dict) -> torch.Tensor:
         out = self.denoiser(x_t, t, mask=mask, **cond)
         if not isinstance(out, torch.Tensor) or out.shape != x_t.shape:
@@ -182,9 +189,10 @@ class QuotientDiffusion(nn.Module):
         """
         self._check_data(x1, mask)
         batch = x1.shape[0]
+        self._check_cond(cond, batch)
         dtype, device = x1.dtype, x1.device
         if t is None:
-            t = torch.rand(batch, generator=generator, dtype=dtype, device=device) * self.interpolant.t_max
+            t = torch.rand(batch, generator=generator, dtype=dtype, device=device) * getattr(self.interpolant, "t_max", 1.0)
         else:
             t = check_time(t).to(dtype=dtype, device=device)
             if t.shape != (batch,):
@@ -211,7 +219,8 @@ class QuotientDiffusion(nn.Module):
         else:
             residual = self.quotient.center(residual, mask)
         dof = (mask.sum(-1).to(dtype) if mask is not None else torch.full((batch,), x1.shape[-2], dtype=dtype, device=device)) * x1.shape[-1]
-        weight = interp.weight(t).to(dtype) if hasattr(interp, "weight") else torch.ones_like(t)
+        # w(t) converts the x1-residual into a velocity-like loss; a velocity residual is unweighted.
+        weight = interp.weight(t).to(dtype) if self.prediction == "x1" and hasattr(interp, "weight") else torch.ones_like(t)
         per_sample = weight * residual.square().sum((-2, -1)) / dof
         if reduction == "mean":
             return per_sample.mean()
@@ -333,9 +342,9 @@ class QuotientDiffusion(nn.Module):
         if len(shape) != 3 or (point_dim is not None and shape[-1] != point_dim):
             raise ValueError(f"shape must be (B, N, {point_dim or 'd'}), got {tuple(shape)}")
         batch = shape[0]
-        for key, value in cond.items():
-            if isinstance(value, torch.Tensor) and value.shape[:1] != (batch,):
-                raise ValueError(f"conditioning {key!r} has leading dimension {value.shape[0] if value.dim() else 'none'}, expected {batch}")
+        self._check_cond(cond, batch)
+        if self.general and sampler in ("sde", "edm"):
+            raise ValueError(f"sampler={sampler!r} needs a Gaussian-prior interpolant (score from D); with a GeneralInterpolant use 'ode' or 'heun'")
         if chunk_size is not None and batch > chunk_size:
             pieces, trajs = [], []
             for start in range(0, batch, chunk_size):
