@@ -134,13 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(subparsers)
     try:
         from models.cli import register as register_models
-    except ImportError:  # the molecular plug-ins are optional
+    except ModuleNotFoundError as exc:  # the molecular plug-ins are optional
+        if exc.name not in ("models", "models.cli"):
+            raise
         register_models = None
     if register_models is not None:
         register_models(subparsers)
     try:
-        from benchmarks.cli import register as register_bench
-    except ImportError:
+        from .bench import register as register_bench
+    except ModuleNotFoundError as exc:  # qmanifold.bench lands with the performance work
+        if exc.name != "qmanifold.bench":
+            raise
         register_bench = None
     if register_bench is not None:
         register_bench(subparsers)
