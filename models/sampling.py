@@ -1,0 +1,515 @@
+r"""Conformers from a trained checkpoint (or any coordinates) to SDF / XYZ files.
+
+Pieces (functional core; the ``sample`` command in :mod:`models.cli` strings them together):
+
+* :class:`MolGraph` -- one molecular graph to sample: atomic numbers ``(N,)``, atom types ``(N,)``
+  (index into the model's element list), bond types ``(N, N)`` (0 none / 1 single / 2 double /
+  3 triple / 4 aromatic), an identifier, the SMILES and, for dataset molecules, the reference
+  geometry ``(N, 3)`` in Å;
+* :func:`graph_from_smiles` / :func:`graphs_from_dataset` -- build them (RDKit for SMILES);
+* :func:`sample_conformers` -- ``M`` conformers per graph with a :class:`~qmanifold.QuotientDiffusion`
+  (the sampler geometry follows the training loss: quotient samplers for ``loss="quotient"``,
+  conventional ones for the baselines -- ``QuotientDiffusion`` does this by default);
+* :func:`template_mol` -- the RDKit molecule of a graph (bond orders; formal charges and, for
+  heavy-atom-only graphs, hydrogen counts taken from the SMILES when there is one);
+* :func:`write_sdf` / :func:`write_xyz` -- atomic writers (temporary file + :func:`os.replace`);
+  every SDF record carries the graph, the coordinates (Å) and ``qm_*`` properties:
+
+  ==========================  =============================================================
+  property                    meaning
+  ==========================  =============================================================
+  ``qm_source``               identifier: ``<dataset>:<index>`` or ``smiles:<SMILES>``
+  ``qm_dataset``              dataset spec the molecule came from ("" for SMILES input)
+  ``qm_index``                index of the molecule in that dataset (QM9 id), -1 for SMILES
+  ``qm_smiles``               SMILES (as in the dataset / as given)
+  ``qm_sample``               sample number within the molecule (0 .. M-1)
+  ``qm_heavy_atoms_only``     1 if the graph has no hydrogens
+  ``qm_method``               ``qmanifold``, ``etkdg`` or ``etkdg+mmff``
+  ``qm_model`` ...            model name / loss / checkpoint / step / sampler / steps / seed
+  ==========================  =============================================================
+
+Errors on bad input are :class:`MoleculeInputError` (a ``ValueError``) with the reason: malformed
+SMILES, molecules RDKit cannot sanitise, elements outside the model's element list, atom-count
+mismatch between a graph and its coordinates, NaN coordinates. Nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MoleculeInputError",
+    "MolGraph",
+    "graph_from_smiles",
+    "graphs_from_dataset",
+    "template_mol",
+    "mol_with_coordinates",
+    "sample_conformers",
+    "make_records",
+    "sdf_text",
+    "write_sdf",
+    "write_xyz",
+    "atomic_write_text",
+]
+
+_BOND_NAMES = {1: "SINGLE", 2: "DOUBLE", 3: "TRIPLE", 4: "AROMATIC"}
+
+
+class MoleculeInputError(ValueError):
+    """A molecule given by the user cannot be used (the message says why)."""
+
+
+@dataclass
+class MolGraph:
+    """A molecular graph to sample conformers for.
+
+    Attributes:
+        atomic_numbers: ``(N,)`` int64.
+        atom_types: ``(N,)`` int64 indices into the model's element list.
+        bond_types: ``(N, N)`` int64 symmetric, 0 none / 1 single / 2 double / 3 triple / 4 aromatic.
+        source: identifier, ``"<dataset>:<index>"`` or ``"smiles:<SMILES>"``.
+        index: the molecule's index in its dataset (QM9 id), -1 for SMILES input.
+        smiles: SMILES string ("" if unknown).
+        dataset: dataset spec ("" for SMILES input).
+        positions: ``(N, 3)`` reference coordinates in Å, or None.
+        heavy_atoms_only: the graph has no hydrogens (they are implicit).
+    """
+
+    atomic_numbers: np.ndarray
+    atom_types: np.ndarray
+    bond_types: np.ndarray
+    source: str
+    index: int = -1
+    smiles: str = ""
+    dataset: str = ""
+    positions: np.ndarray | None = None
+    heavy_atoms_only: bool = False
+    _template: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_atoms(self) -> int:
+        return int(self.atomic_numbers.shape[0])
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same directory + os.replace)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".txt", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _rdkit():
+    try:
+        from rdkit import Chem, RDLogger
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("molecule I/O needs RDKit: pip install rdkit (or the 'molecules' extra)") from exc
+    return Chem, RDLogger
+
+
+def _element_symbol(z: int) -> str:
+    from models.data.io import element_symbol
+
+    return element_symbol(int(z))
+
+
+# ----------------------------------------------------------------------------------------------
+# graphs
+# ----------------------------------------------------------------------------------------------
+
+
+def _bond_code(bond) -> int:
+    Chem, _ = _rdkit()
+    if bond.GetIsAromatic():
+        return 4
+    return {Chem.BondType.SINGLE: 1, Chem.BondType.DOUBLE: 2, Chem.BondType.TRIPLE: 3}.get(bond.GetBondType(), 0)
+
+
+def graph_from_smiles(smiles: str, elements: Sequence[int], heavy_atoms_only: bool = False) -> MolGraph:
+    """The molecular graph of ``smiles`` (hydrogens added unless ``heavy_atoms_only``).
+
+    Args:
+        smiles: a SMILES string.
+        elements: the model's element list (atomic numbers; ``atom_types`` index into it).
+        heavy_atoms_only: keep hydrogens implicit (for models trained without them).
+
+    Raises:
+        MoleculeInputError: empty or malformed SMILES, a molecule RDKit cannot sanitise, an element
+            not in ``elements``, or an unsupported bond type (dative, ...).
+    """
+    Chem, RDLogger = _rdkit()
+    if not isinstance(smiles, str) or not smiles.strip():
+        raise MoleculeInputError(f"empty SMILES {smiles!r}")
+    smiles = smiles.strip()
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        mol = Chem.MolFromSmiles(smiles, sanitize=False)
+        if mol is None:
+            raise MoleculeInputError(f"malformed SMILES {smiles!r}: RDKit cannot parse it")
+        try:
+            Chem.SanitizeMol(mol)
+        except Exception as exc:
+            raise MoleculeInputError(f"RDKit cannot sanitise the molecule {smiles!r}: {exc}") from None
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    if mol.GetNumAtoms() == 0:
+        raise MoleculeInputError(f"SMILES {smiles!r} has no atoms")
+    if not heavy_atoms_only:
+        mol = Chem.AddHs(mol)
+    z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
+    lookup = {int(e): k for k, e in enumerate(elements)}
+    bad = sorted({int(v) for v in z if int(v) not in lookup})
+    if bad:
+        names = ", ".join(_element_symbol(v) for v in bad)
+        allowed = ", ".join(_element_symbol(v) for v in elements)
+        raise MoleculeInputError(f"SMILES {smiles!r} contains element(s) {names} outside the model's element "
+                                 f"list ({allowed})")
+    n = len(z)
+    bonds = np.zeros((n, n), dtype=np.int64)
+    for b in mol.GetBonds():
+        code = _bond_code(b)
+        if code == 0:
+            raise MoleculeInputError(f"SMILES {smiles!r} has an unsupported bond type {b.GetBondType()}")
+        i, j = b.GetBeginAtomIdx(), b.GetEndAtomIdx()
+        bonds[i, j] = bonds[j, i] = code
+    g = MolGraph(atomic_numbers=z, atom_types=np.array([lookup[int(v)] for v in z], dtype=np.int64),
+                 bond_types=bonds, source=f"smiles:{smiles}", index=-1, smiles=smiles, dataset="",
+                 positions=None, heavy_atoms_only=bool(heavy_atoms_only))
+    return g
+
+
+def graphs_from_dataset(ds, spec: str, rows: Iterable[int] | None = None) -> list[MolGraph]:
+    """:class:`MolGraph` s of the molecules of a :class:`~models.data.MoleculeDataset`.
+
+    Args:
+        ds: the dataset (its element list defines ``atom_types``).
+        spec: the dataset spec (``"qm9"``, ``"qm9-extract"``, a path), recorded in the identifiers.
+        rows: rows to take (default: all).
+    """
+    out = []
+    rows = range(len(ds)) if rows is None else rows
+    for r in rows:
+        it = ds.get_numpy(int(r))
+        out.append(MolGraph(
+            atomic_numbers=it["atomic_numbers"].astype(np.int64), atom_types=it["atom_types"].astype(np.int64),
+            bond_types=it["bond_types"].astype(np.int64), source=f"{spec}:{int(it['index'])}",
+            index=int(it["index"]), smiles=it["smiles"], dataset=str(spec),
+            positions=it["positions"].astype(np.float64), heavy_atoms_only=bool(ds.heavy_atoms_only),
+        ))
+    return out
+
+
+def _transfer_from_smiles(mol, smiles: str, heavy_atoms_only: bool) -> bool:
+    """Copy formal charges (and H counts for heavy-atom graphs) from ``smiles`` onto ``mol``."""
+    Chem, RDLogger = _rdkit()
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        ref = Chem.MolFromSmiles(smiles)
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    if ref is None:
+        return False
+    if not heavy_atoms_only:
+        ref = Chem.AddHs(ref)
+    if ref.GetNumAtoms() != mol.GetNumAtoms():
+        return False
+    query = Chem.RWMol(ref)
+    for a in query.GetAtoms():
+        a.SetFormalCharge(0)
+        a.SetNumRadicalElectrons(0)
+        a.SetIsotope(0)
+    query = query.GetMol()
+    match = mol.GetSubstructMatch(query)
+    if len(match) != mol.GetNumAtoms():
+        return False
+    for k, t in enumerate(match):
+        src = ref.GetAtomWithIdx(k)
+        dst = mol.GetAtomWithIdx(t)
+        dst.SetFormalCharge(src.GetFormalCharge())
+        if heavy_atoms_only:
+            dst.SetNoImplicit(True)
+            dst.SetNumExplicitHs(src.GetTotalNumHs())
+    return True
+
+
+def _guess_charges(mol) -> None:
+    """Formal charges from valences for all-explicit-H graphs without SMILES (non-aromatic atoms)."""
+    for a in mol.GetAtoms():
+        if a.GetIsAromatic():
+            continue
+        val = sum(b.GetBondTypeAsDouble() for b in a.GetBonds())
+        z = a.GetAtomicNum()
+        if z == 7 and val == 4:
+            a.SetFormalCharge(1)
+        elif z == 8 and val == 3:
+            a.SetFormalCharge(1)
+        elif z == 8 and val == 1:
+            a.SetFormalCharge(-1)
+        elif z == 6 and val == 3:
+            a.SetFormalCharge(-1)
+
+
+def template_mol(graph: MolGraph):
+    """RDKit molecule (no conformer) of ``graph``; atom ``k`` is graph atom ``k``.
+
+    Sanitised when possible (the property ``_qm_sanitized`` says whether it was). Hydrogens are
+    explicit atoms unless ``graph.heavy_atoms_only``. The result is cached on the graph.
+    """
+    if graph._template is not None:
+        return graph._template
+    Chem, RDLogger = _rdkit()
+    z = np.asarray(graph.atomic_numbers)
+    bt = np.asarray(graph.bond_types)
+    n = z.shape[0]
+    if bt.shape != (n, n):
+        raise MoleculeInputError(f"{graph.source}: bond_types shape {bt.shape} does not match {n} atoms")
+    rw = Chem.RWMol()
+    for v in z:
+        a = Chem.Atom(int(v))
+        if not graph.heavy_atoms_only:
+            a.SetNoImplicit(True)
+        rw.AddAtom(a)
+    ii, jj = np.nonzero(np.triu(bt, 1))
+    for i, j in zip(ii.tolist(), jj.tolist()):
+        code = int(bt[i, j])
+        if code not in _BOND_NAMES:
+            raise MoleculeInputError(f"{graph.source}: unsupported bond code {code} between atoms {i} and {j}")
+        rw.AddBond(i, j, getattr(Chem.BondType, _BOND_NAMES[code]))
+        if code == 4:
+            b = rw.GetBondBetweenAtoms(i, j)
+            b.SetIsAromatic(True)
+            rw.GetAtomWithIdx(i).SetIsAromatic(True)
+            rw.GetAtomWithIdx(j).SetIsAromatic(True)
+    mol = rw.GetMol()
+    mol.UpdatePropertyCache(strict=False)
+    Chem.FastFindRings(mol)
+    if not (graph.smiles and _transfer_from_smiles(mol, graph.smiles, graph.heavy_atoms_only)):
+        if not graph.heavy_atoms_only:
+            _guess_charges(mol)
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        Chem.SanitizeMol(mol)
+        sanitized = True
+    except Exception:
+        mol.UpdatePropertyCache(strict=False)
+        Chem.FastFindRings(mol)
+        sanitized = False
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    mol.SetIntProp("_qm_sanitized", int(sanitized))
+    graph._template = mol
+    return mol
+
+
+def _check_coordinates(graph: MolGraph, positions: np.ndarray, what: str) -> np.ndarray:
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim != 2 or pos.shape[1] != 3:
+        raise MoleculeInputError(f"{what}: coordinates must have shape (N, 3), got {pos.shape}")
+    if pos.shape[0] != graph.num_atoms:
+        raise MoleculeInputError(f"{what}: atom-count mismatch, the graph of {graph.source} has "
+                                 f"{graph.num_atoms} atoms but the coordinates {pos.shape[0]}")
+    if not np.all(np.isfinite(pos)):
+        bad = np.nonzero(~np.all(np.isfinite(pos), axis=1))[0]
+        raise MoleculeInputError(f"{what}: NaN/infinite coordinates for {graph.source} (atoms {bad[:10].tolist()})")
+    return pos
+
+
+def mol_with_coordinates(graph: MolGraph, positions: np.ndarray, name: str = "", props: Mapping[str, Any] | None = None):
+    """A copy of :func:`template_mol` with one 3-D conformer (Å) and string properties."""
+    Chem, _ = _rdkit()
+    from rdkit.Geometry import Point3D
+
+    pos = _check_coordinates(graph, positions, name or graph.source)
+    mol = Chem.Mol(template_mol(graph))
+    conf = Chem.Conformer(graph.num_atoms)
+    for k in range(graph.num_atoms):
+        conf.SetAtomPosition(k, Point3D(*map(float, pos[k])))
+    conf.Set3D(True)
+    mol.RemoveAllConformers()
+    mol.AddConformer(conf, assignId=True)
+    if name:
+        mol.SetProp("_Name", name)
+    for k, v in (props or {}).items():
+        mol.SetProp(str(k), str(v))
+    return mol
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def _collate_graphs(graphs: Sequence[MolGraph], device, dtype) -> dict:
+    n_max = max(g.num_atoms for g in graphs)
+    b = len(graphs)
+    mask = torch.zeros(b, n_max, dtype=torch.bool)
+    types = torch.zeros(b, n_max, dtype=torch.int64)
+    bonds = torch.zeros(b, n_max, n_max, dtype=torch.int64)
+    for k, g in enumerate(graphs):
+        n = g.num_atoms
+        mask[k, :n] = True
+        types[k, :n] = torch.from_numpy(np.asarray(g.atom_types, dtype=np.int64))
+        bonds[k, :n, :n] = torch.from_numpy(np.asarray(g.bond_types, dtype=np.int64))
+    return {"mask": mask.to(device), "atom_types": types.to(device), "bond_types": bonds.to(device)}
+
+
+def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, steps: int = 50,
+                      sampler: str = "ode", seed: int = 0, batch_size: int = 64,
+                      device: str | torch.device | None = None, progress: bool = True,
+                      **sample_kwargs: Any) -> list[np.ndarray]:
+    """``n_per_molecule`` conformers for each graph.
+
+    Args:
+        qd: a :class:`~qmanifold.QuotientDiffusion` (e.g. from
+            :func:`models.training.diffusion_from_checkpoint`).
+        graphs: the molecules.
+        n_per_molecule: conformers per molecule ``M``.
+        steps / sampler: passed to ``qd.sample`` (geometry from the training loss).
+        seed: seed of the sampling generator (same seed and batch size, same conformers).
+        batch_size: configurations integrated together (molecules of similar size are grouped).
+        device: default: the model's device.
+        **sample_kwargs: more options for ``qd.sample`` (``eta``, ``time_grid``, ``churn``).
+
+    Returns:
+        One ``(M, N_i, 3)`` float64 array (Å) per graph.
+
+    Raises:
+        MoleculeInputError: a model atom type out of range for a graph.
+        FloatingPointError: the sampler produced NaN/inf coordinates (names the molecules).
+    """
+    if n_per_molecule < 1:
+        raise ValueError(f"n_per_molecule must be >= 1, got {n_per_molecule}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    params = list(qd.denoiser.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    n_types = getattr(qd.denoiser, "num_atom_types", None)
+    for g in graphs:
+        if n_types is not None and g.num_atoms and int(np.max(g.atom_types)) >= n_types:
+            raise MoleculeInputError(f"{g.source}: atom type {int(np.max(g.atom_types))} is outside the model's "
+                                     f"{n_types} atom types")
+    jobs = [(gi, k) for gi in range(len(graphs)) for k in range(n_per_molecule)]
+    jobs.sort(key=lambda j: graphs[j[0]].num_atoms)  # stable: little padding per batch
+    results = [np.zeros((n_per_molecule, g.num_atoms, 3)) for g in graphs]
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    chunks = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=f"sampling ({sampler}, {steps} steps)", unit="conf", dynamic_ncols=True)
+    try:
+        for chunk in chunks:
+            batch = _collate_graphs([graphs[gi] for gi, _ in chunk], device, dtype)
+            x = qd.sample(mask=batch["mask"], steps=steps, sampler=sampler, generator=gen, device=device,
+                          dtype=dtype, atom_types=batch["atom_types"], bond_types=batch["bond_types"],
+                          **sample_kwargs)
+            x = x.detach().to("cpu", torch.float64).numpy()
+            for row, (gi, k) in enumerate(chunk):
+                n = graphs[gi].num_atoms
+                results[gi][k] = x[row, :n]
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    bad = [graphs[i].source for i, r in enumerate(results) if not np.all(np.isfinite(r))]
+    if bad:
+        raise FloatingPointError(f"the sampler produced NaN/inf coordinates for {len(bad)} molecule(s): {bad[:5]}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+
+
+def make_records(graphs: Sequence[MolGraph], conformers: Sequence[np.ndarray],
+                 props: Mapping[str, Any] | None = None) -> list[dict]:
+    """Flatten per-graph conformer arrays ``(M, N, 3)`` into SDF records (``graph``, ``positions``,
+    ``sample``, ``props``), adding the identifier properties and the shared ``props``."""
+    if len(graphs) != len(conformers):
+        raise ValueError(f"{len(graphs)} graphs but {len(conformers)} conformer arrays")
+    records = []
+    for g, confs in zip(graphs, conformers):
+        confs = np.asarray(confs, dtype=np.float64)
+        if confs.ndim == 2:
+            confs = confs[None]
+        for k in range(confs.shape[0]):
+            p = {"qm_source": g.source, "qm_dataset": g.dataset, "qm_index": int(g.index), "qm_smiles": g.smiles,
+                 "qm_sample": k, "qm_heavy_atoms_only": int(g.heavy_atoms_only)}
+            p.update(props or {})
+            records.append({"graph": g, "positions": confs[k], "sample": k, "props": p})
+    return records
+
+
+def _clean_value(v: Any) -> str:
+    s = str(v)
+    return " ".join(s.splitlines())
+
+
+def sdf_text(records: Sequence[Mapping[str, Any]]) -> str:
+    """The SDF text of ``records`` (dicts with ``graph``, ``positions``, ``props``, optional
+    ``name``). All records are checked (atom counts, finiteness) before anything is built."""
+    Chem, _ = _rdkit()
+    for r, rec in enumerate(records):
+        _check_coordinates(rec["graph"], rec["positions"], f"record {r}")
+    parts = []
+    for r, rec in enumerate(records):
+        g = rec["graph"]
+        name = rec.get("name") or f"{g.source} sample {rec.get('sample', 0)}"
+        mol = mol_with_coordinates(g, rec["positions"], name=_clean_value(name))
+        sanitized = bool(template_mol(g).GetIntProp("_qm_sanitized"))
+        block = Chem.MolToMolBlock(mol, kekulize=sanitized)
+        lines = [block.rstrip("\n")]
+        for k, v in rec.get("props", {}).items():
+            lines.append(f">  <{k}>")
+            lines.append(_clean_value(v))
+            lines.append("")
+        lines.append("$$$$")
+        parts.append("\n".join(lines) + "\n")
+    return "".join(parts)
+
+
+def write_sdf(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``records`` (see :func:`make_records`) to an SDF file atomically.
+
+    Raises:
+        MoleculeInputError: atom-count mismatch or NaN coordinates in any record (nothing written).
+    """
+    if not records:
+        raise ValueError("no records to write")
+    atomic_write_text(path, sdf_text(records))
+
+
+def write_xyz(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``records`` as a multi-frame XYZ file (Å) atomically; the comment line holds the
+    identifier and sample number."""
+    chunks = []
+    for r, rec in enumerate(records):
+        g = rec["graph"]
+        pos = _check_coordinates(g, rec["positions"], f"record {r}")
+        chunks.append(f"{g.num_atoms}\n{_clean_value(g.source)} sample={rec.get('sample', 0)}\n")
+        chunks.append("".join(f"{_element_symbol(z):<2s} {p[0]:14.8f} {p[1]:14.8f} {p[2]:14.8f}\n"
+                              for z, p in zip(g.atomic_numbers.tolist(), pos)))
+    atomic_write_text(path, "".join(chunks))
