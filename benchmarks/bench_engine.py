@@ -32,142 +32,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
-from typing import Callable
 
-import numpy as np
 import torch
 
 import groups
-from qmanifold import SDE, Quotient, QuotientDiffusion, integrate
+from qmanifold import Quotient, QuotientDiffusion
+from qmanifold.bench import build_denoiser, make_batch, one_step, time_group, time_pair
+from qmanifold.bench import fmt_seconds as _fmt
 
 __all__ = ["make_batch", "time_group", "time_pair", "run", "main"]
 
 
 # ----------------------------------------------------------------------------------------------
-# inputs
+# inputs, timing and the one-step sampler: shared with ``qmanifold bench`` (qmanifold/bench.py)
 
-
-def make_batch(batch: int = 64, n_max: int = 29, *, seed: int = 0, device="cpu", dtype=torch.float32) -> dict:
-    """A fixed QM9-like padded batch: sizes ~ QM9 (mean 18 atoms with H, 3..n_max), at least one
-    molecule with ``n_max`` atoms, random (fixed) atom and symmetric bond types, coordinates with a
-    ~1.5 Å spread, centred over the real atoms."""
-    rng = np.random.default_rng(seed)
-    sizes = np.clip(np.rint(rng.normal(18.0, 3.0, size=batch)), 3, n_max).astype(int)
-    sizes[0] = n_max
-    mask = torch.zeros(batch, n_max, dtype=torch.bool)
-    for b, k in enumerate(sizes):
-        mask[b, :k] = True
-    gen = torch.Generator().manual_seed(seed)
-    x = 1.5 * torch.randn(batch, n_max, 3, generator=gen, dtype=torch.float64)
-    w = mask[..., None].double()
-    x = (x - (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)) * w
-    atom_types = torch.randint(0, 5, (batch, n_max), generator=gen) * mask
-    bonds = torch.randint(0, 5, (batch, n_max, n_max), generator=gen)
-    bonds = torch.triu(bonds, 1)
-    bonds = (bonds + bonds.transpose(1, 2)) * (mask[:, :, None] & mask[:, None, :])
-    return {
-        "x1": x.to(device=device, dtype=dtype),
-        "mask": mask.to(device),
-        "atom_types": atom_types.to(device),
-        "bond_types": bonds.to(device),
-        "sizes": sizes,
-    }
-
-
-def build_denoiser(name: str, device, dtype, **kwargs) -> torch.nn.Module:
-    """The denoiser at its default size (EGNN: hidden 128, 6 layers) unless ``kwargs`` say otherwise."""
-    if name == "egnn":
-        from models.egnn import EGNNDenoiser
-
-        net = EGNNDenoiser(**kwargs)
-    elif name == "transformer":
-        from models.transformer import TransformerDenoiser
-
-        net = TransformerDenoiser(**kwargs)
-    else:
-        raise ValueError(f"unknown denoiser {name!r}; choose 'egnn' or 'transformer'")
-    return net.to(device=device, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_group(fns: dict[str, Callable], device: torch.device, *, repeats: int, warmup: int = 2,
-               block_s: float = 0.05) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin in blocks after warm-up.
-
-    The functions are interleaved (block of f1, block of f2, ..., repeated ``repeats`` times) so that
-    changing background load affects all of them alike. Each block runs ``number`` calls, chosen
-    from the last warm-up round so that a block of the slowest function lasts about ``block_s``,
-    and is bracketed by device synchronisation.
-    """
-    slowest = 1e-7
-    for _ in range(warmup):
-        for f in fns.values():
-            _sync(device)
-            start = time.perf_counter()
-            f()
-            _sync(device)
-            slowest = max(slowest, time.perf_counter() - start)
-    number = max(1, int(block_s / slowest))
-
-    def block(f):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(number):
-            f()
-        _sync(device)
-        return (time.perf_counter() - start) / number
-
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            times[k].append(block(f))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def time_pair(fa: Callable, fb: Callable, device: torch.device, **kwargs) -> tuple[float, float]:
-    """:func:`time_group` for two functions: ``(median_a, median_b)`` in seconds per call."""
-    out = time_group({"a": fa, "b": fb}, device, **kwargs)
-    return out["a"], out["b"]
-
-
-# ----------------------------------------------------------------------------------------------
-# the comparisons
-
-
-def _one_step(model: QuotientDiffusion, sampler: str, geometry: str, x, mask, cond, t0: float, t1: float, gen):
-    """Exactly what QuotientDiffusion.sample does per Euler(-Maruyama) step, for one step."""
-    q = model.quotient
-    if sampler == "ode":
-        sde = SDE(drift=lambda x, t, mask=None: model.velocity(x, t, mask, **cond), diffusion=0)
-    else:
-        interp = model.interpolant
-
-        def eta_fn(t):  # the sampler's default noise level eta(t) = ahat(t)^2
-            return interp.ahat(t).square()
-
-        def drift(x, t, mask=None):
-            v, s = model.velocity_and_score(x, t, mask, **cond)
-            return v + eta_fn(t).to(x.dtype).reshape(-1, 1, 1) * s
-
-        sde = SDE(drift=drift, diffusion=lambda t: torch.sqrt(2.0 * eta_fn(t)))
-    lifted = q.lift(sde) if geometry == "quotient" else q.conventional(sde)
-    times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-
-    def step():
-        return integrate(lifted, x, times=times, mask=mask, generator=gen)
-
-    return step
+_one_step = one_step
 
 
 def run(args) -> list[dict]:
@@ -262,14 +143,6 @@ def run(args) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # output
-
-
-def _fmt(s: float) -> str:
-    if s >= 1.0:
-        return f"{s:8.3f} s "
-    if s >= 1e-3:
-        return f"{s * 1e3:8.3f} ms"
-    return f"{s * 1e6:8.1f} us"
 
 
 def _header(device, dtype, size, repeats) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import geometry as G
+from . import kernels as _kernels
 from . import so3
 from ._validation import check_mask, check_points, check_same_shape, maybe_check_finite
 from .discrete import DiscreteGroup, ProductGroup
@@ -23,7 +24,7 @@ from .masking import apply_mask, center
 
 __all__ = ["Quotient"]
 
-_BACKENDS = ("auto", "generic", "fast")
+_BACKENDS = ("auto", "generic", "fast", "fused")
 
 
 class Quotient:
@@ -33,8 +34,11 @@ class Quotient:
         group: a :class:`~qmanifold.lie.LieGroup`, a discrete group
             (:class:`~qmanifold.discrete.Permutations`, :class:`~qmanifold.discrete.Lattice`) or a
             :class:`~qmanifold.discrete.ProductGroup` of both.
-        backend: ``"auto"`` (a hand-written fast path where one exists: SO(3)/SE(3)), ``"generic"``
-            (always the symbolic lowering) or ``"fast"`` (require a fast path).
+        backend: ``"auto"`` (the fused Triton kernels of :mod:`qmanifold.kernels` when Triton
+            imports -- used for CUDA tensors, the torch paths below for CPU tensors --; otherwise a
+            hand-written fast path where one exists: SO(3)/SE(3)), ``"generic"`` (always the
+            symbolic lowering), ``"fast"`` (require a fast path) or ``"fused"`` (the fused kernels
+            for CUDA tensors when Triton is available, the fast / generic torch path otherwise).
 
     Raises:
         ValueError: the group acts by non-orthogonal matrices (the quotient metric and the lifted
@@ -67,7 +71,15 @@ class Quotient:
         has_fast = lie is not None and lie.kind == "special_orthogonal" and lie.point_dim == 3
         if backend == "fast" and not has_fast:
             raise ValueError(f"no hand-written fast path for {self.name}; use backend='generic' or 'auto'")
-        self.backend = "fast" if (has_fast and backend != "generic") else "generic"
+        fusable = lie is not None and bool(lie.generators)
+        if backend == "fused" and not fusable:
+            raise ValueError(f"no fused kernel for {self.name} (no continuous rotation-like factor)")
+        self._fused = None
+        if fusable and (backend == "fused" or (backend == "auto" and _kernels.triton_available())):
+            self.backend = "fused"
+            self._fused = _kernels.FusedGeometry(lie)
+        else:
+            self.backend = "fast" if (has_fast and backend != "generic") else "generic"
 
     # -- descriptive ---------------------------------------------------------------------------
 
@@ -105,6 +117,8 @@ class Quotient:
     def center(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Remove the centre of mass when the group has translations (else only mask)."""
         self._check(x, mask)
+        if self._fused is not None:
+            return self._fused.center(x, mask)
         return center(x, mask) if self.translations else apply_mask(x, mask)
 
     def horizontal_projection(self, v: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,6 +126,8 @@ class Quotient:
         self._check(x, mask, v)
         if self.lie is None:
             return apply_mask(v, mask)
+        if self._fused is not None:
+            return self._fused.horizontal_projection(v, x, mask)
         if self.backend == "fast":
             return so3.horizontal_projection(v, x, mask, self.translations)
         return G.horizontal_projection(self._geom(x), v, x, mask, self.translations)
@@ -121,6 +137,8 @@ class Quotient:
         self._check(x, mask, v)
         if self.lie is None:
             return torch.zeros_like(v)
+        if self._fused is not None:
+            return apply_mask(v, mask) - self._fused.horizontal_projection(v, x, mask)
         if self.backend == "fast":
             return so3.vertical_projection(v, x, mask, self.translations)
         return G.vertical_projection(self._geom(x), v, x, mask, self.translations)
@@ -130,6 +148,8 @@ class Quotient:
         self._check(x, mask)
         if self.lie is None:
             return torch.zeros_like(x)
+        if self._fused is not None:
+            return self._fused.mean_curvature(x, mask)
         if self.backend == "fast":
             return so3.mean_curvature(x, mask, self.translations)
         return G.mean_curvature(self._geom(x), x, mask, self.translations)
@@ -165,6 +185,7 @@ class Quotient:
             curvature=lambda x, mask=None: self.mean_curvature(x, mask),
             curvature_factor=curvature_factor,
             name=f"lifted to {self.name}",
+            fused=self._fused,
         )
 
     def conventional(self, sde):

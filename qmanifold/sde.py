@@ -122,15 +122,37 @@ class ProjectedSDE:
     Built by :meth:`qmanifold.Quotient.lift` (``project = P_x``, ``curvature = h``, ``c = 1``) and by
     :meth:`qmanifold.Quotient.conventional` (``project`` = centring only, no curvature), which is how
     a conventional diffusion in the centre-of-mass-free subspace is run.
+
+    ``fused`` (set by :meth:`~qmanifold.Quotient.lift` for the ``"fused"`` backend) is a
+    :class:`qmanifold.kernels.FusedGeometry`; :func:`integrate` then does each Euler(-Maruyama)
+    step -- both projections, the curvature, the tame factor and the update -- in one kernel
+    (:meth:`fused_step`) whenever the kernel runs for the state's device.
     """
 
-    def __init__(self, sde: SDE, project: Callable, curvature: Callable | None = None, curvature_factor: float = 1.0, name: str = "lifted"):
+    def __init__(self, sde: SDE, project: Callable, curvature: Callable | None = None, curvature_factor: float = 1.0, name: str = "lifted", fused=None):
         self.sde = sde
         self._project = project
         self._curvature = curvature
         self.curvature_factor = float(curvature_factor)
         self.name = name
         self.is_ode = sde.is_ode
+        self.fused = fused
+
+    def fused_applies(self, x) -> bool:
+        """Whether :meth:`fused_step` runs a fused kernel for states like ``x``."""
+        return self.fused is not None and self.fused.accepts(x) and not (torch.is_grad_enabled() and x.requires_grad)
+
+    def fused_step(self, x, f, t, dt, z, noise_scale, mask=None, tame_curvature: bool = True):
+        """One lifted Euler(-Maruyama) step in one kernel, for the raw drift ``f = sde.drift(x, t)``:
+        the same arithmetic as :func:`integrate`,
+        ``x + dt P_x(f) + s P_x(z) + tame(-c (sigma^2/2) dt h(x), s)`` (ODE: ``x + dt P_x(f)``)."""
+        if self.is_ode:
+            return self.fused.euler_update(x, f, dt, mask)
+        coeff = 0.0
+        if self._curvature is not None and self.curvature_factor != 0.0:
+            coeff = -self.curvature_factor * 0.5 * self.sde.sigma(t).to(x.dtype).square() * dt
+        return self.fused.lifted_update(x, f, z, dt, noise_scale, coeff, mask,
+                                        tame_limit=noise_scale if tame_curvature else None)
 
     def projected_drift(self, x, t, mask=None):
         """``project_x(f(x, t))``."""
@@ -228,9 +250,23 @@ def integrate(
     n_steps = times.shape[0] - 1
     # Split the lifted drift so that its curvature part can be tamed (Euler-Maruyama only).
     split = tame_curvature and method == "euler_maruyama" and not sde.is_ode and hasattr(sde, "curvature_drift")
+    # One fused kernel per step (projections, curvature, tame, update) when the lifted SDE has one.
+    fused = method == "euler_maruyama" and hasattr(sde, "fused_applies") and sde.fused_applies(x)
     for i in range(n_steps):
         t = times[i].expand(batch_shape)
         dt = times[i + 1] - times[i]
+        if fused:
+            f = sde.sde.drift(x, t, mask)  # the network call comes before the noise draw, as below
+            z = noise_scale = None
+            if not sde.is_ode:
+                z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                noise_scale = sde.sigma(t).to(x.dtype) * dt.abs().sqrt()
+            x = sde.fused_step(x, f, t, dt, z, noise_scale, mask, tame_curvature)
+            if trajectory is not None:
+                trajectory.append(x)
+            if callback is not None:
+                callback(i, times[i + 1], x)
+            continue
         drift = sde.projected_drift(x, t, mask) if split else sde.drift(x, t, mask)
         if method == "heun":
             x_pred = x + dt * drift

@@ -1,0 +1,489 @@
+"""``qmanifold bench``: side-by-side timings of the quotient machinery on the current device.
+
+Everything is measured in one run, on one device, with the two sides of each comparison timed in
+alternating blocks (:func:`time_group`), and reported as medians and ratios ``a / b``:
+
+* ``copy``: the device's copy bandwidth (``dst.copy_(src)`` of a large buffer), the yardstick for
+  the memory-bound kernels;
+* ``projection`` / ``projection_masked`` / ``projection_curvature`` / ``lifted_update``: the
+  default path of :class:`~qmanifold.Quotient` (fused Triton kernel on a GPU, the torch path on a
+  CPU) vs the plain-torch SE(3) path (:mod:`qmanifold.so3`), with the achieved bandwidth
+  ``bytes / time`` of the default path and its fraction of the copy bandwidth, and peak memory
+  (CUDA);
+* ``generic_kernel``: the kernel generated for a user-declared group (here SE(3) declared by its
+  generators, and the 2-torus) vs the hand-written SE(3) kernel, per point;
+* ``projection_geomstats``: geomstats' pre-shape (Kendall) horizontal projection, if installed;
+* ``loss``: the quotient loss vs the AF3-aligned loss (Kabsch by SVD), forward + backward with the
+  molecular EGNN; ``train_step``: quotient vs conventional loss;
+* ``sampler_step`` (SDE) and ``sampler_step_ode``: one quotient step vs one conventional step
+  with the same EGNN;
+* ``kabsch`` vs ``projection``: the alignment AF3 needs vs the projection the quotient loss needs.
+
+Shared timing / batch utilities (:func:`time_group`, :func:`time_pair`, :func:`make_batch`,
+:func:`build_denoiser`, :func:`one_step`) are also used by ``benchmarks/bench_engine.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "time_group", "time_pair", "make_batch", "build_denoiser", "one_step", "fmt_seconds",
+    "copy_bandwidth", "run", "format_table", "register", "main",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# timing (shared with benchmarks/bench_engine.py)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_group(fns: dict[str, Callable], device: torch.device, *, repeats: int, warmup: int = 2,
+               block_s: float = 0.05) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin in blocks after warm-up.
+
+    The functions are interleaved (block of f1, block of f2, ..., repeated ``repeats`` times) so that
+    changing background load affects all of them alike. Each block runs ``number`` calls, chosen
+    from the last warm-up round so that a block of the slowest function lasts about ``block_s``,
+    and is bracketed by device synchronisation.
+    """
+    device = torch.device(device)
+    slowest = 1e-7
+    for _ in range(warmup):  # the first round may include compilation: size blocks from the last
+        slowest = 1e-7
+        for f in fns.values():
+            sync(device)
+            start = time.perf_counter()
+            f()
+            sync(device)
+            slowest = max(slowest, time.perf_counter() - start)
+    number = max(1, int(block_s / slowest))
+
+    def block(f):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(number):
+            f()
+        sync(device)
+        return (time.perf_counter() - start) / number
+
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            times[k].append(block(f))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_pair(fa: Callable, fb: Callable, device: torch.device, **kwargs) -> tuple[float, float]:
+    """:func:`time_group` for two functions: ``(median_a, median_b)`` in seconds per call."""
+    out = time_group({"a": fa, "b": fb}, device, **kwargs)
+    return out["a"], out["b"]
+
+
+def fmt_seconds(s: float) -> str:
+    if s >= 1.0:
+        return f"{s:8.3f} s "
+    if s >= 1e-3:
+        return f"{s * 1e3:8.3f} ms"
+    return f"{s * 1e6:8.1f} us"
+
+
+def peak_memory(fn: Callable, device: torch.device) -> int | None:
+    """Peak CUDA memory allocated during one call, above what was allocated before (bytes)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, *, repeats: int = 5) -> float:
+    """Copy bandwidth ``2 * nbytes / t`` (read + write) of ``dst.copy_(src)``, bytes per second."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_group({"copy": lambda: dst.copy_(src)}, device, repeats=repeats, warmup=2, block_s=0.05)["copy"]
+    return 2.0 * n * 4 / t
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and model steps (shared with benchmarks/bench_engine.py)
+
+
+def qm9_mask(batch: int, n_max: int = 29, *, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """A padding mask ``(batch, n_max)`` with QM9-like sizes (mean 18 atoms with H, 3..n_max, at
+    least one molecule of ``n_max`` atoms), and the sizes."""
+    rng = np.random.default_rng(seed)
+    sizes = np.clip(np.rint(rng.normal(18.0, 3.0, size=batch)), 3, n_max).astype(int)
+    sizes[0] = n_max
+    mask = torch.arange(n_max)[None, :] < torch.as_tensor(sizes)[:, None]
+    return mask, sizes
+
+
+def make_batch(batch: int = 64, n_max: int = 29, *, seed: int = 0, device="cpu", dtype=torch.float32) -> dict:
+    """A fixed QM9-like padded batch: sizes ~ QM9 (mean 18 atoms with H, 3..n_max), at least one
+    molecule with ``n_max`` atoms, random (fixed) atom and symmetric bond types, coordinates with a
+    ~1.5 Å spread, centred over the real atoms."""
+    mask, sizes = qm9_mask(batch, n_max, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = 1.5 * torch.randn(batch, n_max, 3, generator=gen, dtype=torch.float64)
+    w = mask[..., None].double()
+    x = (x - (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)) * w
+    atom_types = torch.randint(0, 5, (batch, n_max), generator=gen) * mask
+    bonds = torch.randint(0, 5, (batch, n_max, n_max), generator=gen)
+    bonds = torch.triu(bonds, 1)
+    bonds = (bonds + bonds.transpose(1, 2)) * (mask[:, :, None] & mask[:, None, :])
+    return {
+        "x1": x.to(device=device, dtype=dtype),
+        "mask": mask.to(device),
+        "atom_types": atom_types.to(device),
+        "bond_types": bonds.to(device),
+        "sizes": sizes,
+    }
+
+
+def build_denoiser(name: str, device, dtype, **kwargs) -> torch.nn.Module:
+    """The denoiser at its default size (EGNN: hidden 128, 6 layers) unless ``kwargs`` say otherwise."""
+    if name == "egnn":
+        from models.egnn import EGNNDenoiser
+
+        net = EGNNDenoiser(**kwargs)
+    elif name == "transformer":
+        from models.transformer import TransformerDenoiser
+
+        net = TransformerDenoiser(**kwargs)
+    else:
+        raise ValueError(f"unknown denoiser {name!r}; choose 'egnn' or 'transformer'")
+    return net.to(device=device, dtype=dtype)
+
+
+def one_step(model, sampler: str, geometry: str, x, mask, cond, t0: float, t1: float, gen) -> Callable:
+    """A function doing exactly what ``QuotientDiffusion.sample`` does per Euler(-Maruyama) step."""
+    from .sde import SDE, integrate
+
+    q = model.quotient
+    if sampler == "ode":
+        sde = SDE(drift=lambda x, t, mask=None: model.velocity(x, t, mask, **cond), diffusion=0)
+    else:
+        interp = model.interpolant
+
+        def eta_fn(t):  # the sampler's default noise level eta(t) = ahat(t)^2
+            return interp.ahat(t).square()
+
+        def drift(x, t, mask=None):
+            v, s = model.velocity_and_score(x, t, mask, **cond)
+            return v + eta_fn(t).to(x.dtype).reshape(-1, 1, 1) * s
+
+        sde = SDE(drift=drift, diffusion=lambda t: torch.sqrt(2.0 * eta_fn(t)))
+    lifted = q.lift(sde) if geometry == "quotient" else q.conventional(sde)
+    times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
+
+    def step():
+        return integrate(lifted, x, times=times, mask=mask, generator=gen)
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def _sizes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
+    if device.type == "cuda":
+        return [(65536, 29), (4096, 256)] if quick else [(65536, 29), (4096, 256), (16384, 256)]
+    return [(2048, 29), (128, 256)] if quick else [(16384, 29), (1024, 256)]
+
+
+def run(args) -> list[dict]:
+    """Run the comparisons selected by ``args`` (see :func:`register`); returns the records."""
+    import groups
+
+    from . import so3
+    from .diffusion import QuotientDiffusion
+    from .kernels import FusedGeometry, status
+    from .lie import LieGroup
+    from .quotient import Quotient
+
+    device = torch.device(args.device)
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    quick = args.quick
+    repeats = args.repeats or (3 if quick else 7)
+    timing = dict(repeats=repeats, warmup=1 if quick else 2, block_s=0.02 if quick else 0.1)
+    sections = set(args.sections)
+    records: list[dict] = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = Quotient(groups.SE3)  # the default path
+    fs = lambda t: torch.finfo(dtype).bits // 8 * t  # noqa: E731 - bytes of t floats
+    print(_header(device, dtype, repeats, q))
+    copy_bps = None
+    if sections & {"copy", "projection"}:
+        nbytes = (256 << 20) if device.type == "cuda" else (32 << 20 if quick else 128 << 20)
+        copy_bps = copy_bandwidth(device, nbytes, repeats=repeats)
+        rec = {"comparison": "copy", "a": "dst.copy_(src)", "b": "-", "a_median_s": 2 * nbytes / copy_bps,
+               "b_median_s": float("nan"), "ratio": float("nan"), "device": str(device), "size": f"{nbytes >> 20} MiB",
+               "a_GBps": copy_bps / 1e9}
+        records.append(rec)
+        print(f"copy bandwidth: {copy_bps / 1e9:.1f} GB/s (read + write of {nbytes >> 20} MiB)")
+
+    def emit(rec):
+        rec.setdefault("device", str(device))
+        records.append(rec)
+        print(_row(rec), flush=True)
+
+    def compare(comparison, fa, fb, a, b, size, nbytes=None, mem=True):
+        ta, tb = time_pair(fa, fb, device, **timing)
+        rec = {"comparison": comparison, "a": a, "b": b, "a_median_s": ta, "b_median_s": tb, "ratio": ta / tb,
+               "device": str(device), "size": size}
+        if nbytes is not None:
+            rec["bytes"] = nbytes
+            rec["a_GBps"] = nbytes / ta / 1e9
+            rec["b_GBps"] = nbytes / tb / 1e9
+            if copy_bps:
+                rec["a_copy_fraction"] = nbytes / ta / copy_bps
+                rec["b_copy_fraction"] = nbytes / tb / copy_bps
+        if mem and device.type == "cuda":
+            rec["a_peak_bytes"] = peak_memory(fa, device)
+            rec["b_peak_bytes"] = peak_memory(fb, device)
+        emit(rec)
+        return rec
+
+    default_name = "fused" if q.backend == "fused" and q._fused.runs(torch.empty(0, device=device)) == "triton" else q.backend
+
+    # --- geometry kernels ---------------------------------------------------------------------------
+    if "projection" in sections:
+        for b_, n_ in _sizes(device, quick):
+            pts = b_ * n_
+            x = torch.randn(b_, n_, 3, generator=gen, device=device, dtype=dtype)
+            v = torch.randn(b_, n_, 3, generator=gen, device=device, dtype=dtype)
+            z = torch.randn(b_, n_, 3, generator=gen, device=device, dtype=dtype)
+            size = f"B={b_},N={n_},points={pts}"
+            with torch.no_grad():
+                compare("projection", lambda: q.horizontal_projection(v, x),
+                        lambda: so3.horizontal_projection(v, x), f"default ({default_name})", "plain torch", size,
+                        nbytes=fs(3 * pts * 3))
+                compare("projection_curvature", lambda: (q._fused or _Plain()).projection_and_curvature(v, x),
+                        lambda: (so3.horizontal_projection(v, x), so3.mean_curvature(x)),
+                        f"default ({default_name})", "plain torch", size, nbytes=fs(4 * pts * 3))
+                s = torch.full((b_,), 0.1, device=device, dtype=dtype)
+                ref = FusedGeometry(groups.SE3, path="torch")
+                geom = q._fused or ref
+                compare("lifted_update", lambda: geom.lifted_update(x, v, z, 0.01, s, -0.005, tame_limit=s),
+                        lambda: ref.lifted_update(x, v, z, 0.01, s, -0.005, tame_limit=s),
+                        f"default ({default_name})", "plain torch", size, nbytes=fs(4 * pts * 3))
+                if n_ == 29:
+                    mask = qm9_mask(b_, n_)[0].to(device)
+                    real = int(mask.sum())
+                    compare("projection_masked", lambda: q.horizontal_projection(v, x, mask),
+                            lambda: so3.horizontal_projection(v, x, mask), f"default ({default_name})", "plain torch",
+                            f"B={b_},N={n_},real={real}", nbytes=fs(3 * pts * 3) + pts)
+        # a user-declared group: the generated kernel vs the hand-written SE(3) kernel (same points)
+        user_se3 = LieGroup("SE(3), user-declared", 3, generators=groups.so3_generators(), translations=True)
+        b_, n_ = _sizes(device, quick)[0]
+        pts = b_ * n_
+        x = torch.randn(b_, n_, 3, generator=gen, device=device, dtype=dtype)
+        v = torch.randn(b_, n_, 3, generator=gen, device=device, dtype=dtype)
+        user = FusedGeometry(user_se3, path="auto", generated=True)
+        hand = FusedGeometry(groups.SE3, path="auto")
+        which = user.runs(x)
+        with torch.no_grad():
+            compare("generic_kernel", lambda: user.projection_and_curvature(v, x),
+                    lambda: hand.projection_and_curvature(v, x),
+                    f"user-declared SE(3) ({'generated kernel' if which != 'torch' else 'generic torch'})",
+                    f"SE(3) ({'hand-written kernel' if which != 'torch' else 'so3 torch'})",
+                    f"B={b_},N={n_},points={pts}", nbytes=fs(4 * pts * 3))
+            torus = FusedGeometry(groups.Torus(2), path="auto")
+            x4 = torch.randn(b_, n_, 4, generator=gen, device=device, dtype=dtype)
+            v4 = torch.randn(b_, n_, 4, generator=gen, device=device, dtype=dtype)
+            compare("generic_kernel_per_point", lambda: torus.projection_and_curvature(v4, x4),
+                    lambda: hand.projection_and_curvature(v, x),
+                    f"T^2 on C^2 ({'generated kernel' if which != 'torch' else 'generic torch'})",
+                    f"SE(3) ({'hand-written kernel' if which != 'torch' else 'so3 torch'})",
+                    f"B={b_},N={n_},points={pts}", nbytes=None)
+        try:
+            import geomstats  # noqa: F401
+        except Exception:
+            print("note: geomstats is not installed: projection vs geomstats skipped "
+                  "(pip install 'qmanifold[geomstats]')")
+        else:
+            _geomstats_comparison(compare, q, device, dtype, gen, quick)
+
+    # --- molecular model: loss and sampler step ------------------------------------------------------
+    if sections & {"loss", "sampler"}:
+        batch = args.batch
+        data = make_batch(batch, 29, device=device, dtype=dtype)
+        x1, mask = data["x1"], data["mask"]
+        cond = {"atom_types": data["atom_types"], "bond_types": data["bond_types"]}
+        torch.manual_seed(0)
+        net_kwargs = {"hidden": 64, "layers": 3} if quick else {}
+        net = build_denoiser("egnn", device, dtype, **net_kwargs)
+        params = sum(p.numel() for p in net.parameters())
+        size = f"B={batch},N=29,real={int(mask.sum())},egnn:{params}params"
+        if "loss" in sections:
+            def train_step(kind):
+                model = QuotientDiffusion(q, net, "linear", loss=kind)
+
+                def f():
+                    net.zero_grad(set_to_none=True)
+                    model.loss(x1, mask, generator=gen, **cond).backward()
+                return f
+
+            med = time_group({k: train_step(k) for k in ("quotient", "af3_align", "conventional")}, device, **timing)
+            for comp, a, b in (("loss", "quotient", "af3_align"), ("train_step", "quotient", "conventional")):
+                emit({"comparison": comp, "a": a, "b": b, "a_median_s": med[a], "b_median_s": med[b],
+                      "ratio": med[a] / med[b], "size": size})
+            # the machinery alone: P_{x_t}(residual) forward + backward vs Kabsch alignment (SVD)
+            x_t = q.center(0.5 * x1 + 0.8 * torch.randn(x1.shape, generator=gen, device=device, dtype=dtype), mask)
+            pred = q.center(x1 + 0.3 * torch.randn(x1.shape, generator=gen, device=device, dtype=dtype), mask)
+            residual = torch.randn(x1.shape, generator=gen, device=device, dtype=dtype).requires_grad_(True)
+
+            def projection_fwd_bwd():
+                residual.grad = None
+                q.horizontal_projection(residual, x_t, mask).square().sum().backward()
+
+            compare("loss_machinery", projection_fwd_bwd, lambda: q.align(x1, pred, mask),
+                    "P_{x_t}(residual) fwd+bwd", "Kabsch align (SVD)", size.split(",egnn")[0])
+        if "sampler" in sections:
+            quot = QuotientDiffusion(q, net, "linear", loss="quotient", validate=False)
+            x_t = q.center(0.5 * x1 + 0.8 * torch.randn(x1.shape, generator=gen, device=device, dtype=dtype), mask)
+            with torch.no_grad():
+                for sampler, comp in (("sde", "sampler_step"), ("ode", "sampler_step_ode")):
+                    fa = one_step(quot, sampler, "quotient", x_t, mask, cond, 0.5, 0.52, gen)
+                    fb = one_step(quot, sampler, "conventional", x_t, mask, cond, 0.5, 0.52, gen)
+                    compare(comp, fa, fb, "quotient", "conventional", size, mem=False)
+    st = status()
+    if st["broken_kernels"]:
+        print(f"WARNING: fused kernels fell back to torch: {st['broken_kernels']}")
+    return records
+
+
+class _Plain:
+    """The SE(3) plain-torch pair (P_x v, h) when the default path has no fused geometry."""
+
+    def projection_and_curvature(self, v, x, mask=None):
+        from . import so3
+
+        return so3.horizontal_projection(v, x, mask), so3.mean_curvature(x, mask)
+
+
+def _geomstats_comparison(compare, q, device, dtype, gen, quick):
+    """qmanifold's projection vs geomstats' pre-shape (Kendall) bundle projection on the same
+    batch (geomstats runs on the CPU with its numpy backend; qmanifold on ``device``)."""
+    from geomstats.geometry.pre_shape import PreShapeBundle, PreShapeSpace
+
+    b_, n_ = (512, 29) if quick else (4096, 29)
+    space = PreShapeSpace(k_landmarks=n_, ambient_dim=3, equip=True)
+    bundle = PreShapeBundle(space)
+    rng = np.random.default_rng(0)
+    xn = space.projection(rng.standard_normal((b_, n_, 3)))  # centred, unit norm
+    vn = space.to_tangent(rng.standard_normal((b_, n_, 3)), xn)
+    xd = torch.as_tensor(xn).to(device=device, dtype=dtype)
+    vd = torch.as_tensor(vn).to(device=device, dtype=dtype)
+    compare("projection_geomstats", lambda: q.horizontal_projection(vd, xd), lambda: bundle.horizontal_projection(vn, xn),
+            f"qmanifold default ({device.type})", "geomstats PreShapeBundle (numpy)", f"B={b_},N={n_}", mem=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+def _header(device, dtype, repeats, q) -> str:
+    threads = torch.get_num_threads() if device.type == "cpu" else "-"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    from .kernels import status
+
+    st = status()
+    lines = [
+        f"qmanifold bench  |  torch {torch.__version__}  |  device {device} ({name})  |  threads {threads}  |  "
+        f"{dtype}  |  {repeats} alternating blocks, median per call  |  Quotient backend: {q.backend}  |  "
+        f"triton: {'yes' if st['triton'] else 'no'}",
+        f"{'comparison':<26} {'a':<44} {'b':<30} {'a median':>11} {'b median':>11} {'a/b':>7} {'a GB/s':>8} "
+        f"{'a %copy':>8} {'peak a/b MiB':>14}  size",
+        "-" * 190,
+    ]
+    return "\n".join(lines)
+
+
+def _row(rec: dict) -> str:
+    gbps = f"{rec['a_GBps']:8.1f}" if "a_GBps" in rec else f"{'':>8}"
+    frac = f"{100 * rec['a_copy_fraction']:7.1f}%" if "a_copy_fraction" in rec else f"{'':>8}"
+    mem = ""
+    if rec.get("a_peak_bytes") is not None:
+        mem = f"{rec['a_peak_bytes'] / 2**20:.1f}/{rec['b_peak_bytes'] / 2**20:.1f}"
+    return (f"{rec['comparison']:<26} {rec['a']:<44} {rec['b']:<30} {fmt_seconds(rec['a_median_s']):>11} "
+            f"{fmt_seconds(rec['b_median_s']):>11} {rec['ratio']:7.3f} {gbps} {frac} {mem:>14}  {rec['size']}")
+
+
+def format_table(records: list[dict]) -> str:
+    return "\n".join(_row(r) for r in records if r["comparison"] != "copy")
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+SECTIONS = ("copy", "projection", "loss", "sampler")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:K)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes and a small EGNN (about a minute on a CPU)")
+    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--repeats", type=int, default=None, help="alternating timing blocks (default 3 quick, else 7)")
+    p.add_argument("--batch", type=int, default=64, help="molecules per batch for the loss / sampler comparisons")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared machine more "
+                   "threads mostly add contention noise; 0 keeps torch's default)")
+
+
+def handler(args) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device} requested but CUDA is not available", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    records = run(args)
+    print(f"\n(total {time.perf_counter() - start:.1f} s)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(records, fh, indent=2, default=float)
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``bench`` subcommand to the ``qmanifold`` command line."""
+    p = subparsers.add_parser(
+        "bench",
+        help="side-by-side benchmarks of the quotient machinery on this device",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_arguments(p)
+    p.set_defaults(func=handler)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qmanifold.bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return handler(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

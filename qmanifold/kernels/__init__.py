@@ -1,0 +1,493 @@
+"""Fused quotient kernels: one pass over the data for the hot operations of a quotient M/G.
+
+The operations that a quotient model runs at every sampler step and every training step are all
+of the form "reduce a few moments per configuration, solve a tiny system, apply a per-configuration
+linear map to every point". Done with separate torch ops they are launch-bound on a GPU (the plain
+SE(3) projection is ~70 kernels); here each is one Triton kernel that reads ``x`` (and ``v``) once
+and writes the result once:
+
+* :meth:`FusedGeometry.center` -- masked centring;
+* :meth:`FusedGeometry.horizontal_projection` -- ``P_x(v)``;
+* :meth:`FusedGeometry.mean_curvature` -- ``h(x) = -1/2 grad log det Gram``;
+* :meth:`FusedGeometry.projection_and_curvature` -- both, sharing the factorisation;
+* :meth:`FusedGeometry.lifted_update` -- the lifted Euler-Maruyama update
+  ``x + dt P_x(f) + s P_x(z) + tame(c h(x), lim)`` (one kernel per sampler step);
+* :meth:`FusedGeometry.euler_update` -- ``x + dt P_x(f)`` (the ODE step).
+
+Layouts: padded ``(..., N, d)`` with an optional bool ``mask`` ``(..., N)``, and packed ``(P, d)``
+with segment ``offsets`` ``(B+1,)`` (see :mod:`qmanifold.packed`).
+
+Kernels: SO(3)/SE(3) use the hand-written :mod:`qmanifold.kernels.se3_triton`; any other declared
+linear group gets a kernel generated from its symbolic geometry
+(:mod:`qmanifold.kernels.generic_triton`). The plain torch path (:mod:`qmanifold.so3`,
+:mod:`qmanifold.geometry`) is the CPU fallback and the test oracle.
+
+Paths (``FusedGeometry(group, path=...)``): ``"auto"`` runs the Triton kernel for CUDA tensors when
+Triton imports and the torch path otherwise; ``"triton"`` requires it; ``"torch"`` never uses it;
+``"emulate"`` runs the kernel source through :mod:`qmanifold.kernels.emulate` on CPU (tests only:
+slow). Nothing here synchronises with the host (packed batches: pass ``max_size`` to pick the
+one-pass variant; see :mod:`qmanifold.packed`).
+
+Autograd: the projection and the centring are symmetric linear maps of ``v``, so their backward
+with respect to ``v`` is the same fused kernel applied to the incoming gradient (a
+``torch.autograd.Function``; double backward works the same way). When ``x`` itself requires a
+gradient (rare: ``x_t`` in the quotient loss is built from data and noise), and for the curvature
+and the lifted update under autograd, the op falls back to the torch path, which autograd
+differentiates exactly as before.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+
+import torch
+
+from .. import geometry as G
+from .. import so3
+from ..masking import apply_mask, center as _torch_center
+from ..sde import tame as _tame
+from . import emulate, generic_triton, se3_triton
+
+__all__ = ["FusedGeometry", "triton_available", "triton_error", "status", "PATHS", "MAX_TILE_POINTS"]
+
+PATHS = ("auto", "triton", "torch", "emulate")
+
+#: Largest configuration (points) that is processed in one register tile (one pass over memory);
+#: larger ones are streamed in chunks (three reads, mostly from L2).
+MAX_TILE_POINTS = 4096
+#: Chunk of points per program iteration when streaming (configurations above MAX_TILE_POINTS).
+STREAM_CHUNK_POINTS = 1024
+
+_lock = threading.Lock()
+_TRITON = None  # (triton, triton.language) once imported, False if unavailable
+_TRITON_ERROR: str | None = None
+
+
+def _triton():
+    global _TRITON, _TRITON_ERROR
+    if _TRITON is None:
+        try:
+            import triton
+            import triton.language as tl
+
+            _TRITON = (triton, tl)
+        except Exception as exc:  # ImportError, or a broken install
+            _TRITON = False
+            _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+    return _TRITON
+
+
+def triton_available() -> bool:
+    """Whether Triton imports (the fused kernels still need a CUDA tensor to run)."""
+    return bool(_triton())
+
+
+def triton_error() -> str | None:
+    """Why Triton is unavailable (the import error), if it is."""
+    _triton()
+    return _TRITON_ERROR
+
+
+_BROKEN: dict[str, str] = {}  # kernel name -> compilation error (auto path falls back to torch)
+
+
+def status() -> dict:
+    """What the fused path can do here: Triton import, CUDA, kernels that failed to compile."""
+    return {
+        "triton": triton_available(),
+        "triton_error": triton_error(),
+        "cuda": torch.cuda.is_available(),
+        "broken_kernels": dict(_BROKEN),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled / emulated kernel functions
+
+
+class _KernelSet:
+    """The plain functions of one kernel and their jit-compiled / emulated versions."""
+
+    def __init__(self, name: str, functions: dict, namespace: dict, entry: str):
+        self.name = name
+        self.functions = dict(functions)
+        self.namespace = namespace
+        self.entry = entry
+        self._jit = None
+        self._emulated = None
+
+    def jit(self):
+        if self._jit is None:
+            with _lock:
+                if self._jit is None:
+                    triton, tl = _triton()
+                    jitted = {name: triton.jit(fn) for name, fn in self.functions.items()}
+                    self.namespace.update(jitted)  # helpers resolve to their jit versions
+                    self.namespace["tl"] = tl
+                    self._jit = jitted[self.entry]
+        return self._jit
+
+    def emulated(self):
+        if self._emulated is None:
+            self._emulated = emulate.rebind(self.functions, self.namespace)[self.entry]
+        return self._emulated
+
+
+_SE3 = _KernelSet("se3", se3_triton.KERNEL_FUNCTIONS, vars(se3_triton), "_se3_kernel")
+_GENERIC: dict[str, _KernelSet] = {}
+
+
+def _generic_kernel_set(group) -> _KernelSet:
+    lowered = group.symbolic
+    gens = torch.stack([torch.tensor([[float(e) for e in row] for row in a.tolist()], dtype=torch.float64)
+                        for a in group.generators]).numpy()
+    source = generic_triton.generate_source(gens, lowered.gram_coeff, lowered.momentum_coeff, name=group.name)
+    key = source
+    ks = _GENERIC.get(key)
+    if ks is None:
+        tl = _triton()[1] if triton_available() else emulate
+        fn = generic_triton.load_kernel(source, tl)
+        ks = _KernelSet(f"generic:{group.name}", {"_generic_kernel": fn}, fn.__globals__, "_generic_kernel")
+        ks.source = source
+        _GENERIC[key] = ks
+    return ks
+
+
+# ----------------------------------------------------------------------------------------------
+# launching
+
+
+_CONSTS: dict = {}
+
+
+def _consts(dtype, device) -> torch.Tensor:
+    key = (dtype, device)
+    t = _CONSTS.get(key)
+    if t is None:
+        c, floor = G.regularization(dtype)
+        t = torch.tensor([c, floor, torch.finfo(dtype).tiny], dtype=dtype, device=device)
+        _CONSTS[key] = t
+    return t
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _per_config(value, batch_shape, count: int, like: torch.Tensor):
+    """A per-configuration scalar as ``(tensor, stride)``: stride 0 for a broadcast scalar."""
+    if value is None:
+        return like, 0
+    if not isinstance(value, torch.Tensor):
+        return torch.full((1,), float(value), dtype=like.dtype, device=like.device), 0
+    value = value.to(dtype=like.dtype, device=like.device)
+    if value.numel() == 1:
+        return value.reshape(1), 0
+    return value.expand(batch_shape).reshape(count).contiguous(), 1
+
+
+def _config(n: int, count: int, dtype, one_tile: bool):
+    tile = 1024 if dtype == torch.float32 else 512
+    if one_tile:
+        block_n = max(4, _next_pow2(n))
+        block_b = max(1, tile // block_n)
+    else:
+        block_n = min(max(4, _next_pow2(n)), tile, STREAM_CHUNK_POINTS)
+        block_b = max(1, tile // block_n)
+    block_b = max(1, min(block_b, _next_pow2(max(count, 1))))
+    elements = block_b * block_n
+    num_warps = 4 if elements <= 1024 else min(16, elements // 256)
+    return block_b, block_n, num_warps
+
+
+class FusedGeometry:
+    """Fused quotient operations of a linear group (see the module docstring).
+
+    Args:
+        group: a :class:`~qmanifold.lie.LieGroup` with at least one generator.
+        path: ``"auto"``, ``"triton"``, ``"torch"`` or ``"emulate"``.
+        generated: use the kernel generated from the group's symbolic geometry even for SO(3)
+            groups (which otherwise get the hand-written kernel); the torch path is then the
+            generic lowering as well. For comparisons and tests.
+    """
+
+    def __init__(self, group, path: str = "auto", *, generated: bool = False):
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
+        if not getattr(group, "generators", None):
+            raise ValueError(f"{getattr(group, 'name', group)!r} has no rotation-like generator: nothing to fuse")
+        self.group = group
+        self.path = path
+        self.point_dim = group.point_dim
+        self.translations = bool(group.translations)
+        self.is_so3 = group.kind == "special_orthogonal" and group.point_dim == 3 and not generated
+        self._kernels = _SE3 if self.is_so3 else None
+        if path == "triton" and not triton_available():
+            raise RuntimeError(f"path='triton' but Triton is unavailable ({triton_error()})")
+
+    def __repr__(self) -> str:
+        kind = "SE(3) hand-written" if self.is_so3 else "generated"
+        return f"FusedGeometry({self.group.name!r}, path={self.path!r}, kernel={kind})"
+
+    @property
+    def kernels(self) -> _KernelSet:
+        if self._kernels is None:
+            self._kernels = _generic_kernel_set(self.group)
+        return self._kernels
+
+    @property
+    def source(self) -> str:
+        """The kernel's Python/Triton source (generated for non-SO(3) groups)."""
+        import inspect
+
+        if self.is_so3:
+            return inspect.getsource(se3_triton)
+        return self.kernels.source
+
+    # -- which path runs ------------------------------------------------------------------------
+
+    def runs(self, x: torch.Tensor) -> str:
+        """``"triton"``, ``"emulate"`` or ``"torch"``: the path an op on ``x`` takes."""
+        if self.path == "torch":
+            return "torch"
+        if self.path == "emulate":
+            return "emulate"
+        if self.path == "triton":
+            if not x.is_cuda:
+                raise ValueError("path='triton' needs CUDA tensors")
+            return "triton"
+        if x.is_cuda and triton_available() and self.kernels.name not in _BROKEN:
+            return "triton"
+        return "torch"
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        """Whether an op on ``x`` runs a kernel (Triton or emulated) rather than the torch path."""
+        return self.runs(x) != "torch"
+
+    # -- torch oracle ---------------------------------------------------------------------------
+
+    def _torch_projection(self, v, x, mask):
+        if self.is_so3:
+            return so3.horizontal_projection(v, x, mask, self.translations)
+        return G.horizontal_projection(self.group.lowered(x.dtype, x.device), v, x, mask, self.translations)
+
+    def _torch_curvature(self, x, mask):
+        if self.is_so3:
+            return so3.mean_curvature(x, mask, self.translations)
+        return G.mean_curvature(self.group.lowered(x.dtype, x.device), x, mask, self.translations)
+
+    def _torch_center(self, v, mask):
+        return _torch_center(v, mask) if self.translations else apply_mask(v, mask)
+
+    # -- the launch -----------------------------------------------------------------------------
+
+    def _launch(self, mode: int, x, u=None, z=None, mask=None, offsets=None, *, a=None, s=None, c=None,
+                lim=None, max_size=None, path=None):
+        """Run the kernel in ``mode``; returns ``out`` (and ``out2`` for mode 3)."""
+        path = path or self.runs(x if x is not None else u)
+        d = self.point_dim
+        ref = x if x is not None else u
+        packed = offsets is not None
+        if packed:
+            count = offsets.shape[0] - 1
+            batch_shape = (count,)
+            n = int(max_size) if max_size is not None else -(-ref.shape[0] // max(count, 1))
+            one_tile = max_size is not None and n <= MAX_TILE_POINTS
+            flat = lambda t: t.contiguous()  # noqa: E731
+            offs = offsets.to(device=ref.device, dtype=torch.int64).contiguous()
+            n_arg = 0
+        else:
+            batch_shape = ref.shape[:-2]
+            n = ref.shape[-2]
+            count = math.prod(batch_shape)
+            one_tile = n <= MAX_TILE_POINTS
+            flat = lambda t: t.reshape(count, n, d).contiguous()  # noqa: E731
+            offs = None
+            n_arg = n
+        out_shape = ref.shape
+        xf = flat(x) if x is not None else None
+        uf = flat(u) if u is not None else None
+        zf = flat(z) if z is not None else None
+        anyf = xf if xf is not None else uf
+        out = torch.empty_like(anyf)
+        out2 = torch.empty_like(anyf) if mode == 3 else None
+        if count == 0 or anyf.numel() == 0:
+            out = out.zero_().reshape(out_shape)
+            return (out, out2.zero_().reshape(out_shape)) if mode == 3 else out
+        has_mask = mask is not None and not packed
+        maskf = mask.reshape(count, n).contiguous().view(torch.uint8) if has_mask else anyf
+        a_t, a_st = _per_config(a, batch_shape, count, anyf)
+        s_t, s_st = _per_config(s, batch_shape, count, anyf)
+        c_t, c_st = _per_config(c, batch_shape, count, anyf)
+        l_t, l_st = _per_config(lim, batch_shape, count, anyf)
+        block_b, block_n, num_warps = _config(n, count, anyf.dtype, one_tile)
+        grid = (-(-count // block_b),)
+        args = [
+            xf if xf is not None else anyf, uf if uf is not None else anyf, zf if zf is not None else anyf,
+            maskf, offs if offs is not None else anyf, out, out2 if out2 is not None else out,
+            a_t, a_st, s_t, s_st, c_t, c_st, l_t, l_st, _consts(anyf.dtype, anyf.device), count, n_arg,
+        ]
+        constexprs = dict(MODE=mode, CENTER=self.translations, HAS_MASK=has_mask, PACKED=packed,
+                          ONE_TILE=one_tile, TAME=lim is not None, BLOCK_B=block_b, BLOCK_N=block_n)
+        ks = self.kernels
+        if path == "emulate":
+            emulate.launch(ks.emulated(), grid, *args, DTYPE=anyf.dtype, **constexprs)
+        else:
+            tl = _triton()[1]
+            kernel = ks.jit()
+            try:
+                kernel[grid](*args, DTYPE=tl.float32 if anyf.dtype == torch.float32 else tl.float64,
+                             num_warps=num_warps, **constexprs)
+            except Exception as exc:
+                if self.path == "triton" or type(exc).__name__ not in ("CompilationError", "CompileTimeAssertionFailure"):
+                    raise
+                _BROKEN[ks.name] = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"qmanifold: the fused {ks.name} kernel failed to compile; using the torch path "
+                              f"({type(exc).__name__})", RuntimeWarning, stacklevel=3)
+                return None
+        out = out.reshape(out_shape)
+        if mode == 3:
+            return out, out2.reshape(out_shape)
+        return out
+
+    @staticmethod
+    def _needs_grad(*tensors) -> bool:
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+    # -- public ops (padded: mask; packed: offsets) ---------------------------------------------
+
+    def center(self, v, mask=None, *, offsets=None, max_size=None):
+        """Masked centring (translations) or masking, via the kernel when it runs."""
+        if self.runs(v) == "torch":
+            if offsets is not None:
+                from ..packed import _torch_center_packed
+
+                return _torch_center_packed(v, offsets, self.translations)
+            return self._torch_center(v, mask)
+        if self._needs_grad(v):
+            return _Linear.apply(v, None, mask, offsets, self, 0, max_size)
+        out = self._launch(0, None, v, mask=mask, offsets=offsets, max_size=max_size)
+        return out if out is not None else self.center(v, mask, offsets=offsets, max_size=max_size)
+
+    def horizontal_projection(self, v, x, mask=None, *, offsets=None, max_size=None):
+        """``P_x(v)``: ``(..., N, d)`` (zeros at padding), or ``(P, d)`` for packed input."""
+        if self.runs(x) == "torch" or self._needs_grad(x):
+            return self._torch_or_packed("projection", v, x, mask, offsets)
+        if self._needs_grad(v):
+            return _Linear.apply(v, x, mask, offsets, self, 1, max_size)
+        out = self._launch(1, x, v, mask=mask, offsets=offsets, max_size=max_size)
+        return out if out is not None else self._torch_or_packed("projection", v, x, mask, offsets)
+
+    def mean_curvature(self, x, mask=None, *, offsets=None, max_size=None):
+        """``h(x) = -1/2 grad log det Gram(x)``."""
+        if self.runs(x) == "torch" or self._needs_grad(x):
+            return self._torch_or_packed("curvature", None, x, mask, offsets)
+        out = self._launch(2, x, mask=mask, offsets=offsets, max_size=max_size)
+        return out if out is not None else self._torch_or_packed("curvature", None, x, mask, offsets)
+
+    def projection_and_curvature(self, v, x, mask=None, *, offsets=None, max_size=None):
+        """``(P_x(v), h(x))`` in one pass (the factorisation is shared)."""
+        if self.runs(x) == "torch" or self._needs_grad(x, v):
+            return (self.horizontal_projection(v, x, mask, offsets=offsets, max_size=max_size),
+                    self.mean_curvature(x, mask, offsets=offsets, max_size=max_size))
+        out = self._launch(3, x, v, mask=mask, offsets=offsets, max_size=max_size)
+        if out is None:
+            return (self._torch_or_packed("projection", v, x, mask, offsets),
+                    self._torch_or_packed("curvature", None, x, mask, offsets))
+        return out
+
+    def lifted_update(self, x, drift, noise, dt, noise_scale, curvature_coeff, mask=None, *, tame_limit=None,
+                      offsets=None, max_size=None):
+        """``x + dt P_x(drift) + noise_scale P_x(noise) + tame(curvature_coeff h(x), tame_limit)``.
+
+        ``dt``, ``noise_scale``, ``curvature_coeff`` and ``tame_limit`` are numbers or tensors
+        broadcastable to the batch shape ``x.shape[:-2]`` (packed: ``(B,)``); ``tame_limit=None``
+        means no taming (:func:`qmanifold.sde.tame`). For the lifted SDE of
+        :func:`qmanifold.sde.integrate`: ``curvature_coeff = -c sigma^2 dt / 2`` and
+        ``tame_limit = noise_scale = sigma sqrt(dt)``. Padded points come out as zeros.
+        """
+        if self.runs(x) == "torch" or self._needs_grad(x, drift, noise):
+            return self._torch_update(x, drift, noise, dt, noise_scale, curvature_coeff, mask, tame_limit, offsets)
+        out = self._launch(4, x, drift, noise, mask=mask, offsets=offsets, a=dt, s=noise_scale, c=curvature_coeff,
+                           lim=tame_limit, max_size=max_size)
+        if out is None:
+            return self._torch_update(x, drift, noise, dt, noise_scale, curvature_coeff, mask, tame_limit, offsets)
+        return out
+
+    def euler_update(self, x, drift, dt, mask=None, *, offsets=None, max_size=None):
+        """``x + dt P_x(drift)`` (the lifted Euler step of an ODE)."""
+        if self.runs(x) == "torch" or self._needs_grad(x, drift):
+            return self._torch_update(x, drift, None, dt, None, None, mask, None, offsets)
+        out = self._launch(5, x, drift, mask=mask, offsets=offsets, a=dt, max_size=max_size)
+        if out is None:
+            return self._torch_update(x, drift, None, dt, None, None, mask, None, offsets)
+        return out
+
+    # -- torch compositions ---------------------------------------------------------------------
+
+    def _torch_or_packed(self, what, v, x, mask, offsets):
+        if offsets is not None:
+            from .. import packed as P
+
+            if what == "projection":
+                return P._torch_projection_packed(self, v, x, offsets)
+            return P._torch_curvature_packed(self, x, offsets)
+        if what == "projection":
+            return self._torch_projection(v, x, mask)
+        return self._torch_curvature(x, mask)
+
+    def _torch_update(self, x, drift, noise, dt, noise_scale, curvature_coeff, mask, tame_limit, offsets):
+        if offsets is not None:
+            from ..packed import _broadcast_segments as expand
+        else:
+            def expand(value, _offsets=None, _x=x):
+                if not isinstance(value, torch.Tensor):
+                    return value
+                return value.to(_x.dtype).reshape(*value.shape, 1, 1) if value.dim() else value.to(_x.dtype)
+
+        def proj(v):
+            return self._torch_or_packed("projection", v, x, mask, offsets)
+
+        step = expand(dt, offsets) * proj(drift)
+        if noise is not None:
+            step = step + expand(noise_scale, offsets) * proj(noise)
+        if curvature_coeff is not None:
+            incr = expand(curvature_coeff, offsets) * self._torch_or_packed("curvature", None, x, mask, offsets)
+            if tame_limit is not None:
+                if offsets is not None:
+                    from ..packed import _tame_packed
+
+                    incr = _tame_packed(incr, tame_limit, offsets)
+                else:
+                    incr = _tame(incr, expand(tame_limit))
+            step = step + incr
+        out = x + step
+        if offsets is not None:
+            return out
+        return apply_mask(out, mask)
+
+
+class _Linear(torch.autograd.Function):
+    """A symmetric linear map of ``v`` (mode 0: centring, mode 1: ``P_x``) with a fused backward."""
+
+    @staticmethod
+    def forward(ctx, v, x, mask, offsets, geom, mode, max_size):
+        ctx.save_for_backward(x, mask, offsets)
+        ctx.geom, ctx.mode, ctx.max_size = geom, mode, max_size
+        with torch.no_grad():
+            if mode == 0:
+                return geom.center(v, mask, offsets=offsets, max_size=max_size)
+            return geom.horizontal_projection(v, x, mask, offsets=offsets, max_size=max_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mask, offsets = ctx.saved_tensors
+        geom = ctx.geom
+        grad = grad.contiguous()
+        if ctx.mode == 0:
+            g = geom.center(grad, mask, offsets=offsets, max_size=ctx.max_size)
+        else:
+            g = geom.horizontal_projection(grad, x, mask, offsets=offsets, max_size=ctx.max_size)
+        return g, None, None, None, None, None, None
