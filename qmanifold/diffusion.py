@@ -271,7 +271,12 @@ class QuotientDiffusion(nn.Module):
         if grid == "edm":
             from .schedules import edm_time_grid
 
-            return edm_time_grid(steps).to(dtype=dtype, device=device)
+            # Karras' rho = 7 spacing of the noise levels, mapped to this interpolant's times; the first
+            # time is set to 0 (pure noise, where x0 is drawn), giving `steps` intervals.
+            interp = self.interpolant if isinstance(self.interpolant, Interpolant) else None
+            times = edm_time_grid(steps + 1, interpolant=interp, dtype=torch.float64).clone()
+            times[0] = 0.0
+            return times.to(dtype=dtype, device=device)
         raise ValueError(f"unknown time grid {grid!r}; choose 'uniform', 'edm' or pass a tensor")
 
     @torch.no_grad()
