@@ -36,11 +36,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from qmanifold.atomic import atomic_open
 
 __all__ = [
     "coverage_metrics",
@@ -466,20 +467,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _save_figure(fig, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_evaluation(result: Mapping[str, Any], out_dir: str | os.PathLike, title: str = "", top: int = 6) -> list[str]:

@@ -53,7 +53,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -63,6 +62,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from qmanifold.atomic import atomic_open, atomic_write_text
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -173,9 +174,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check the values; returns ``self``. Raises ``ValueError`` naming the bad field."""
-        from qmanifold.diffusion import LOSSES, PREDICTIONS
-
         from models.networks import available_denoisers
+        from qmanifold.diffusion import LOSSES, PREDICTIONS
 
         if self.model.lower() not in available_denoisers():
             raise ValueError(f"unknown model {self.model!r}; available: {available_denoisers()}")
@@ -479,41 +479,12 @@ def validation_losses(denoiser: nn.Module, batches: Sequence[dict], loss: str, i
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".txt", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_text(path, text)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:

@@ -58,8 +58,8 @@ def _add_verify(subparsers) -> None:
 
 def _run_trained(args) -> int:
     import json
-    import os
 
+    from .atomic import atomic_write_text
     from .verify.trained import TRAINED_DEFAULTS, TRAINED_QUICK, format_trained_table, run_trained_check
 
     config = dict(TRAINED_QUICK if args.quick else TRAINED_DEFAULTS)
@@ -73,10 +73,7 @@ def _run_trained(args) -> int:
         return 2
     print(format_trained_table(records))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(records, fh, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(records, indent=2))
         print(f"wrote {len(records)} records to {args.json}")
     return 0
 

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from qmanifold.atomic import atomic_open, atomic_write_text
 
 __all__ = [
     "ELEMENTS",
@@ -108,49 +109,16 @@ def _check_elements(elements: Sequence[int]) -> tuple[int, ...]:
 
 
 def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compressed: bool = False) -> None:
-    """Write ``arrays`` to the ``.npz`` file ``path`` atomically.
+    """Write ``arrays`` to the ``.npz`` file ``path`` atomically (:mod:`qmanifold.atomic`).
 
-    The data go to a temporary file in the destination directory which then replaces ``path``
-    with :func:`os.replace`, so a reader never sees a half-written file. The exact ``path`` is
-    used (numpy's habit of appending ``.npz`` does not apply).
+    The exact ``path`` is used (numpy's habit of appending ``.npz`` does not apply).
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            (np.savez_compressed if compressed else np.savez)(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as fh:
+        (np.savez_compressed if compressed else np.savez)(fh, **arrays)
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".txt", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,12 +41,13 @@ from torch import nn
 
 import groups as _groups
 
+from ..atomic import atomic_write_text
 from ..diffusion import QuotientDiffusion
 from ..lie import LieGroup
 from ..quotient import Quotient
 from ..schedules import make_interpolant
 from ..sde import SDE, integrate
-from .targets import ToyTarget, available_targets, make_target
+from .targets import ToyTarget, make_target
 
 __all__ = [
     "Variant",
@@ -505,12 +506,7 @@ def format_table(records: Sequence[VerificationRecord]) -> str:
 
 def write_json(path: str, records: Sequence[VerificationRecord]) -> None:
     """Write the records as a JSON list (atomically)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump([r.to_dict() for r in records], fh, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps([r.to_dict() for r in records], indent=2))
 
 
 def write_plots(directory: str, case: VerificationCase, record: VerificationRecord, samples, exact) -> str:
