@@ -19,7 +19,7 @@ import torch
 from .geometry import prepare, regularization
 from .masking import apply_mask
 
-__all__ = ["inertia_tensor", "symmetric_inverse_3x3", "horizontal_projection", "vertical_projection", "mean_curvature"]
+__all__ = ["inertia_tensor", "symmetric_inverse_3x3", "angular_momentum", "skew", "horizontal_projection", "vertical_projection", "mean_curvature"]
 
 
 def inertia_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -59,10 +59,25 @@ def symmetric_inverse_3x3(m: torch.Tensor) -> torch.Tensor:
     return adj / (det * scale)[..., None, None]
 
 
+def angular_momentum(xc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+    """``J = sum_n x_n x v_n``: ``(..., 3)``, from the 3 x 3 moment ``C = sum_n x_n v_n^T`` (one
+    batched matmul instead of N cross products): ``J_a = epsilon_abc C_bc``."""
+    c = xc.transpose(-1, -2) @ vc
+    return torch.stack([c[..., 1, 2] - c[..., 2, 1], c[..., 2, 0] - c[..., 0, 2], c[..., 0, 1] - c[..., 1, 0]], -1)
+
+
+def skew(omega: torch.Tensor) -> torch.Tensor:
+    """``[omega]_x``, the matrix with ``[omega]_x y = omega x y``: ``(..., 3) -> (..., 3, 3)``."""
+    zero = torch.zeros_like(omega[..., 0])
+    wx, wy, wz = omega.unbind(-1)
+    return torch.stack(
+        [torch.stack([zero, -wz, wy], -1), torch.stack([wz, zero, -wx], -1), torch.stack([-wy, wx, zero], -1)], -2
+    )
+
+
 def _omega(vc: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
     inverse = symmetric_inverse_3x3(_regularized(inertia_tensor(xc)))
-    angular_momentum = torch.linalg.cross(xc, vc, dim=-1).sum(-2)
-    return (inverse @ angular_momentum.unsqueeze(-1)).squeeze(-1)
+    return (inverse @ angular_momentum(xc, vc).unsqueeze(-1)).squeeze(-1)
 
 
 def horizontal_projection(v, x, mask=None, translations: bool = True) -> torch.Tensor:
@@ -70,7 +85,7 @@ def horizontal_projection(v, x, mask=None, translations: bool = True) -> torch.T
     xc = prepare(x, mask, translations)
     vc = prepare(v, mask, translations)
     omega = _omega(vc, xc)
-    return vc - torch.linalg.cross(omega.unsqueeze(-2).expand_as(xc), xc, dim=-1)
+    return vc - xc @ skew(omega).transpose(-1, -2)  # omega x x_n for every point
 
 
 def vertical_projection(v, x, mask=None, translations: bool = True) -> torch.Tensor:
