@@ -139,6 +139,15 @@ def _pairwise_features(x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
             out[f"dist_{i}_{j}"] = (x[:, i] - x[:, j]).norm(dim=-1)
 
 
+def _distance_features(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pairwise distances and distances to the centre of a centred configuration (n, N, d)."""
+    out: dict[str, torch.Tensor] = {}
+    _pairwise_features(x, out)
+    for i in range(x.shape[1]):
+        out[f"radius_{i}"] = x[:, i].norm(dim=-1)
+    return out
+
+
 def _rot2(theta: torch.Tensor) -> torch.Tensor:
     c, s = torch.cos(theta), torch.sin(theta)
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
@@ -468,11 +477,8 @@ class SO2Template(ToyTarget):
     def features(self, x):
         _check_x(x, self.point_shape, "SO2Template.features")
         x = center_points(x)
-        out: dict[str, torch.Tensor] = {}
-        _pairwise_features(x, out)
+        out = _distance_features(x)
         N = x.shape[1]
-        for i in range(N):
-            out[f"radius_{i}"] = x[:, i].norm(dim=-1)
         for i in range(N):
             u, v = x[:, i], x[:, (i + 1) % N]
             out[f"cross_{i}"] = u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
@@ -522,11 +528,8 @@ class SE3Template(ToyTarget):
     def features(self, x):
         _check_x(x, self.point_shape, "SE3Template.features")
         x = center_points(x)
-        out: dict[str, torch.Tensor] = {}
-        _pairwise_features(x, out)
+        out = _distance_features(x)
         N = x.shape[1]
-        for i in range(N):
-            out[f"radius_{i}"] = x[:, i].norm(dim=-1)
         for i in range(N - 3):
             e = torch.stack([x[:, i + 1] - x[:, i], x[:, i + 2] - x[:, i], x[:, i + 3] - x[:, i]], dim=-2)
             out[f"volume_{i}"] = torch.linalg.det(e)

@@ -35,14 +35,7 @@ def gen(seed: int) -> torch.Generator:
 
 
 # A fixed, chiral, non-degenerate tetrahedron (no three points collinear), centred.
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine the intra-op thread pool only adds contention
-    # (Euler-Maruyama steps became up to 50x slower under load). Restored after the module.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 X0_SE3 = torch.tensor([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0], [0.4, 1.2, 0.0], [0.3, 0.5, 1.0]], dtype=F64)
