@@ -34,10 +34,9 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# A fixed, chiral, non-degenerate tetrahedron (no three points collinear), centred.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
+# A fixed, chiral, non-degenerate tetrahedron (no three points collinear), centred.
 X0_SE3 = torch.tensor([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0], [0.4, 1.2, 0.0], [0.3, 0.5, 1.0]], dtype=F64)
 X0_SE3 = X0_SE3 - X0_SE3.mean(0)
 
