@@ -24,8 +24,9 @@ linear group gets a kernel generated from its symbolic geometry
 
 Paths (``FusedGeometry(group, path=...)``): ``"auto"`` runs the Triton kernel for CUDA tensors when
 Triton imports and the torch path otherwise; ``"triton"`` requires it; ``"torch"`` never uses it;
-``"emulate"`` runs the kernel source through :mod:`qmanifold.kernels.emulate` on CPU (tests only:
-slow). Nothing here synchronises with the host (packed batches: pass ``max_size`` to pick the
+``"emulate"`` runs the kernel source through :mod:`qmanifold.kernels.emulate` on CPU, and
+``"interpret"`` runs it through Triton's own interpreter on CPU tensors (a process started with
+``TRITON_INTERPRET=1``; both for tests only: slow). Nothing here synchronises with the host (packed batches: pass ``max_size`` to pick the
 one-pass variant; see :mod:`qmanifold.packed`).
 
 Autograd: the projection and the centring are symmetric linear maps of ``v``, so their backward
@@ -39,6 +40,7 @@ differentiates exactly as before.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 
@@ -50,9 +52,9 @@ from ..masking import apply_mask, center as _torch_center
 from ..sde import tame as _tame
 from . import emulate, generic_triton, se3_triton
 
-__all__ = ["FusedGeometry", "triton_available", "triton_error", "status", "PATHS", "MAX_TILE_POINTS"]
+__all__ = ["FusedGeometry", "triton_available", "triton_error", "interpreting", "status", "PATHS", "MAX_TILE_POINTS"]
 
-PATHS = ("auto", "triton", "torch", "emulate")
+PATHS = ("auto", "triton", "torch", "emulate", "interpret")
 
 #: Largest configuration (points) that is processed in one register tile (one pass over memory);
 #: larger ones are streamed in chunks (three reads, mostly from L2).
@@ -93,12 +95,25 @@ def triton_error() -> str | None:
 _BROKEN: dict[str, str] = {}  # kernel name -> compilation error (auto path falls back to torch)
 
 
+def interpreting() -> bool:
+    """Whether Triton runs in interpreter mode (``TRITON_INTERPRET=1`` when it was imported): then
+    ``triton.jit`` kernels execute on CPU tensors through Triton's own semantics."""
+    tt = _triton()
+    if not tt:
+        return False
+    knobs = getattr(tt[0], "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def status() -> dict:
     """What the fused path can do here: Triton import, CUDA, kernels that failed to compile."""
     return {
         "triton": triton_available(),
         "triton_error": triton_error(),
         "cuda": torch.cuda.is_available(),
+        "interpreting": interpreting(),
         "broken_kernels": dict(_BROKEN),
     }
 
@@ -224,8 +239,11 @@ class FusedGeometry:
         self.translations = bool(group.translations)
         self.is_so3 = group.kind == "special_orthogonal" and group.point_dim == 3 and not generated
         self._kernels = _SE3 if self.is_so3 else None
-        if path == "triton" and not triton_available():
-            raise RuntimeError(f"path='triton' but Triton is unavailable ({triton_error()})")
+        if path in ("triton", "interpret") and not triton_available():
+            raise RuntimeError(f"path={path!r} but Triton is unavailable ({triton_error()})")
+        if path == "interpret" and not interpreting():
+            raise RuntimeError("path='interpret' needs Triton's interpreter: set TRITON_INTERPRET=1 in the environment "
+                               "before Triton is imported (e.g. `TRITON_INTERPRET=1 python -m pytest ...`)")
 
     def __repr__(self) -> str:
         kind = "SE(3) hand-written" if self.is_so3 else "generated"
@@ -249,11 +267,13 @@ class FusedGeometry:
     # -- which path runs ------------------------------------------------------------------------
 
     def runs(self, x: torch.Tensor) -> str:
-        """``"triton"``, ``"emulate"`` or ``"torch"``: the path an op on ``x`` takes."""
-        if self.path == "torch":
-            return "torch"
-        if self.path == "emulate":
-            return "emulate"
+        """``"triton"``, ``"emulate"``, ``"interpret"`` or ``"torch"``: the path an op on ``x`` takes."""
+        if self.path in ("torch", "emulate"):
+            return self.path
+        if self.path == "interpret":
+            if x.device.type != "cpu":
+                raise ValueError(f"path='interpret' runs Triton's interpreter on CPU tensors, got a tensor on {x.device}")
+            return "interpret"
         if self.path == "triton":
             if not x.is_cuda:
                 raise ValueError("path='triton' needs CUDA tensors")

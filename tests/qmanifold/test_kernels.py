@@ -5,6 +5,10 @@ Every kernel is run two ways:
 * ``emulate`` (always): the kernel source executed on CPU tensors by
   :mod:`qmanifold.kernels.emulate` -- this checks the kernels' logic (indexing, masks, the
   unrolled algebra, the streaming variant) on any machine;
+* ``interpret`` (a process started with ``TRITON_INTERPRET=1``): the same source through Triton's
+  own interpreter on CPU tensors -- Triton's semantics rather than ours. These cases exist only in
+  such a process; ``test_kernels_interpreted.py`` starts one for the ``interpret`` cases here and in
+  ``test_packed.py``;
 * ``triton`` (needs a CUDA device and Triton): the compiled kernel on the GPU. Without one these
   tests are skipped, and the skip reason says so.
 
@@ -26,6 +30,9 @@ from qmanifold.kernels import FusedGeometry
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = K.triton_available()
+INTERPRETING = K.interpreting()
+#: The kernel paths that run on CPU tensors in this process (the interpreter only under TRITON_INTERPRET=1).
+CPU_KERNEL_PATHS = ("emulate", "interpret") if INTERPRETING else ("emulate",)
 GPU_REASON = (
     "fused Triton path not tested here: "
     + ("no CUDA device" if not HAS_CUDA else "")
@@ -33,17 +40,16 @@ GPU_REASON = (
 )
 
 GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason=GPU_REASON)]
-PATHS = [
-    pytest.param(("emulate", "cpu"), id="emulate-cpu"),
+PATHS = [pytest.param((p, "cpu"), id=f"{p}-cpu") for p in CPU_KERNEL_PATHS] + [
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=GPU_MARKS),
 ]
 F32, F64 = torch.float32, torch.float64
 
 
 def cases(emulated, compiled):
-    """Parameters ``(path_device, dtype, name)``: every case emulated on CPU, and a subset compiled
-    on the GPU (each distinct kernel specialisation costs a Triton compilation of ~1 s)."""
-    out = [pytest.param(("emulate", "cpu"), dt, n, id=f"emulate-{n}-{str(dt)[-7:]}") for n, dt in emulated]
+    """Parameters ``(path_device, dtype, name)``: every case emulated (and interpreted) on CPU, and a
+    subset compiled on the GPU (each distinct kernel specialisation costs a Triton compilation of ~1 s)."""
+    out = [pytest.param((p, "cpu"), dt, n, id=f"{p}-{n}-{str(dt)[-7:]}") for p in CPU_KERNEL_PATHS for n, dt in emulated]
     out += [pytest.param(("triton", "cuda"), dt, n, id=f"triton-{n}-{str(dt)[-7:]}", marks=GPU_MARKS) for n, dt in compiled]
     return out
 
@@ -92,7 +98,7 @@ def data(group, batch, n, dtype, device, seed=0, masked=True):
 def sizes_for(path):
     # the emulator is a Python loop over programs: keep it small; the GPU gets a real batch (one
     # shape: every shape is a new kernel specialisation to compile)
-    return [((5,), 7), ((2, 3), 12)] if path == "emulate" else [((2, 300), 29)]
+    return [((5,), 7), ((2, 3), 12)] if path in CPU_KERNEL_PATHS else [((2, 300), 29)]
 
 
 ALL_NAMES = sorted(GROUPS) + ["SE3-generic"]
@@ -143,13 +149,13 @@ def test_streaming_variant_matches_one_tile(path_device, dtype, name, monkeypatc
     path, device = path_device
     group = GROUPS[name]
     geom, ref = fused(group, path), oracle(group)
-    n = 11 if path == "emulate" else 5000
-    if path == "emulate":
+    n = 11 if path in CPU_KERNEL_PATHS else 5000
+    if path in CPU_KERNEL_PATHS:
         monkeypatch.setattr(K, "MAX_TILE_POINTS", 4)
         monkeypatch.setattr(K, "STREAM_CHUNK_POINTS", 4)
     x, v, z, mask = data(group, (3,), n, dtype, device)
     t = tol(dtype)
-    if dtype == torch.float32 and path != "emulate":
+    if dtype == torch.float32 and path == "triton":
         t = dict(rtol=1e-3, atol=1e-4)  # 5000-point sums in a different order
     torch.testing.assert_close(geom.horizontal_projection(v, x, mask), ref.horizontal_projection(v, x, mask), **t)
     torch.testing.assert_close(geom.mean_curvature(x, mask), ref.mean_curvature(x, mask), **t)
@@ -308,10 +314,21 @@ def test_paths_and_status():
     with pytest.raises(ValueError, match="generator"):
         FusedGeometry(LieGroup("translations", 3, generators=[], translations=True))
     st = K.status()
-    assert st["triton"] == HAS_TRITON and st["cuda"] == HAS_CUDA
+    assert st["triton"] == HAS_TRITON and st["cuda"] == HAS_CUDA and st["interpreting"] == INTERPRETING
     if not HAS_TRITON:
         with pytest.raises(RuntimeError, match="Triton"):
             FusedGeometry(groups.SE3, path="triton")
+        with pytest.raises(RuntimeError, match="Triton"):
+            FusedGeometry(groups.SE3, path="interpret")
+    elif not INTERPRETING:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            FusedGeometry(groups.SE3, path="interpret")
+    else:
+        geom = FusedGeometry(groups.SE3, path="interpret")
+        assert geom.runs(torch.zeros(1, 3, 3)) == "interpret"
+        assert type(geom.kernels.jit()).__name__ == "InterpretedFunction"  # Triton's interpreter, not our emulator
+        with pytest.raises(ValueError, match="CPU tensors"):
+            geom.runs(torch.zeros(1, 3, 3, device="meta"))
 
 
 @pytest.mark.gpu

@@ -19,8 +19,10 @@ from qmanifold.kernels import FusedGeometry
 HAS_GPU = torch.cuda.is_available() and K.triton_available()
 GPU_REASON = "fused Triton path not tested here: " + ("no CUDA device" if not torch.cuda.is_available() else f"Triton unavailable ({K.triton_error()})")
 
-PATHS = [
-    pytest.param(("emulate", "cpu"), id="emulate-cpu"),
+#: Kernel paths on CPU tensors here: the emulator, and Triton's interpreter in a process started with
+#: TRITON_INTERPRET=1 (test_kernels_interpreted.py starts one).
+CPU_KERNEL_PATHS = ("emulate", "interpret") if K.interpreting() else ("emulate",)
+PATHS = [pytest.param((p, "cpu"), id=f"{p}-cpu") for p in CPU_KERNEL_PATHS] + [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)]),
 ]
@@ -69,7 +71,7 @@ GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)
 def cases(on_cpu, compiled):
     """``(path_device, dtype, name)``: emulated and torch paths on CPU for every case, the compiled
     kernel for a subset (each kernel specialisation is a ~1 s Triton compilation)."""
-    out = [pytest.param((p, "cpu"), dt, n, id=f"{p}-{n}-{str(dt)[-7:]}") for p in ("emulate", "torch") for n, dt in on_cpu]
+    out = [pytest.param((p, "cpu"), dt, n, id=f"{p}-{n}-{str(dt)[-7:]}") for p in (*CPU_KERNEL_PATHS, "torch") for n, dt in on_cpu]
     out += [pytest.param(("triton", "cuda"), dt, n, id=f"triton-{n}-{str(dt)[-7:]}", marks=GPU_MARKS) for n, dt in compiled]
     return out
 
