@@ -4,7 +4,9 @@
 # Stages (each with its own time limit, so that one slow stage cannot starve the others):
 #   1. nvidia-smi and versions; 2. smoke: compile + check every kernel mode once (full tracebacks);
 #   3. qmanifold bench --device cuda; 4. the kernel / packed / geometry / network tests (the
-#   emulated-kernel tests are skipped here: they run on every CPU); 5. the engine benchmark.
+#   emulated-kernel tests are skipped here: they run on every CPU); 5. the engine benchmark;
+#   6. the training step of each loss under torch.profiler (kernels per step, device time, the
+#   operators that differ).
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu_out}"
@@ -64,4 +66,7 @@ timeout 30 $PY -m pytest tests/qmanifold/test_geometry.py tests/models/test_netw
 
 echo "=== 5. engine benchmark"
 timeout 30 $PY -m benchmarks.bench_engine --device $DEVICE --quick --json "$OUT/engine_gpu.json" 2>&1 | tee "$OUT/engine_gpu.txt"
+echo "=== 6. training-step profile"
+timeout 60 $PY -m benchmarks.profile_train_step --device $DEVICE $([ "$DEVICE" = cpu ] && echo --quick) \
+    --json "$OUT/profile_train_step.json" 2>&1 | grep -v "^USDT" | tee "$OUT/profile_train_step.txt"
 echo "=== done"

@@ -9,7 +9,8 @@ alternating blocks (:func:`time_group`), and reported as medians and ratios ``a 
   default path of :class:`~qmanifold.Quotient` (fused Triton kernel on a GPU, the torch path on a
   CPU) vs the plain-torch SE(3) path (:mod:`qmanifold.so3`), with the achieved bandwidth
   ``bytes / time`` of the default path and its fraction of the copy bandwidth, and peak memory
-  (CUDA);
+  (CUDA); on a GPU also the device time of both sides (:func:`device_time`: the calls replayed
+  from a CUDA graph, so without the host's launch path) and the bandwidth fraction it implies;
 * ``generic_kernel``: the kernel generated for a user-declared group (here SE(3) declared by its
   generators, and the 2-torus) vs the hand-written SE(3) kernel, per point;
 * ``projection_geomstats``: geomstats' pre-shape (Kendall) horizontal projection, if installed;
@@ -38,7 +39,7 @@ import torch
 
 __all__ = [
     "time_group", "time_pair", "make_batch", "build_denoiser", "one_step", "fmt_seconds",
-    "copy_bandwidth", "run", "format_table", "register", "main",
+    "copy_bandwidth", "device_time", "run", "format_table", "register", "main",
 ]
 
 
@@ -111,6 +112,50 @@ def peak_memory(fn: Callable, device: torch.device) -> int | None:
     fn()
     sync(device)
     return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+def device_time(fn: Callable, device: torch.device, *, calls: int = 20, replays: int = 10,
+                rounds: int = 3) -> float | None:
+    """Device seconds per call of ``fn`` with the host's launch path taken out.
+
+    ``calls`` calls are captured in one CUDA graph, which is replayed ``replays`` times between two
+    CUDA events; the median over ``rounds`` is returned. What :func:`time_group` measures is wall
+    time, which for a small kernel is the host's launch path (Python, the launcher) rather than the
+    memory traffic; this is the GPU's side of it. ``None`` on a CPU, or when ``fn`` cannot be
+    captured (for example because it synchronises with the host); the reason is printed.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up (compilation, allocator) off the capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        sync(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        sync(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        per_call = []
+        for _ in range(rounds):
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            per_call.append(start.elapsed_time(end) / 1e3 / (replays * calls))
+        del graph
+        return statistics.median(per_call)
+    except Exception as exc:  # not capturable: report wall time only
+        print(f"note: device time not measured ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        sync(device)
+        return None
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, *, repeats: int = 5) -> float:
@@ -260,10 +305,20 @@ def run(args) -> list[dict]:
         if mem and device.type == "cuda":
             rec["a_peak_bytes"] = peak_memory(fa, device)
             rec["b_peak_bytes"] = peak_memory(fb, device)
+        if nbytes is not None and device.type == "cuda":
+            # the same ops replayed from a CUDA graph: GPU time without the host launch path
+            for side, fn in (("a", fa), ("b", fb)):
+                dev_s = device_time(fn, device)
+                if dev_s is not None:
+                    rec[f"{side}_device_s"] = dev_s
+                    if copy_bps:
+                        rec[f"{side}_device_copy_fraction"] = nbytes / dev_s / copy_bps
         emit(rec)
         return rec
 
-    default_name = "fused" if q.backend == "fused" and q._fused.runs(torch.empty(0, device=device)) == "triton" else q.backend
+    # what the default path runs here: the Triton kernel, or (fused backend on a CPU) the torch path
+    runs_here = q._fused.runs(torch.empty(0, device=device)) if q._fused is not None else None
+    default_name = "fused" if runs_here == "triton" else ("torch path of the fused backend" if runs_here else q.backend)
 
     # --- geometry kernels ---------------------------------------------------------------------------
     if "projection" in sections:
@@ -425,8 +480,14 @@ def _row(rec: dict) -> str:
     mem = ""
     if rec.get("a_peak_bytes") is not None:
         mem = f"{rec['a_peak_bytes'] / 2**20:.1f}/{rec['b_peak_bytes'] / 2**20:.1f}"
-    return (f"{rec['comparison']:<26} {rec['a']:<44} {rec['b']:<30} {fmt_seconds(rec['a_median_s']):>11} "
-            f"{fmt_seconds(rec['b_median_s']):>11} {rec['ratio']:7.3f} {gbps} {frac} {mem:>14}  {rec['size']}")
+    row = (f"{rec['comparison']:<26} {rec['a']:<44} {rec['b']:<30} {fmt_seconds(rec['a_median_s']):>11} "
+           f"{fmt_seconds(rec['b_median_s']):>11} {rec['ratio']:7.3f} {gbps} {frac} {mem:>14}  {rec['size']}")
+    if "a_device_s" in rec:
+        dev_frac = f" = {100 * rec['a_device_copy_fraction']:.1f}% of copy" if "a_device_copy_fraction" in rec else ""
+        b_dev = f", b {fmt_seconds(rec['b_device_s']).strip()}" if "b_device_s" in rec else ""
+        row += (f"\n{'':<26}   device time (CUDA graph replay, no host launch path): a "
+                f"{fmt_seconds(rec['a_device_s']).strip()}{dev_frac}{b_dev}")
+    return row
 
 
 def format_table(records: list[dict]) -> str:

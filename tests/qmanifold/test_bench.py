@@ -1,0 +1,90 @@
+"""``qmanifold bench`` and the benchmark scripts: they run, and what they write has the promised form.
+
+Timings themselves are not asserted (they are the benchmark's output, not a property of the
+code); the record format, the ratios' arithmetic and the comparisons the issue asks for are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from qmanifold import bench
+from qmanifold.cli import main as cli_main
+
+REQUIRED = {"comparison", "a", "b", "a_median_s", "b_median_s", "ratio", "device", "size"}
+
+
+@pytest.fixture(scope="module")
+def quick_records(tmp_path_factory):
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    # the command line as a user runs it, one timing block per side to keep the test short
+    assert cli_main(["bench", "--quick", "--repeats", "1", "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_bench_json_records_have_the_documented_fields(quick_records):
+    comparisons = {r["comparison"] for r in quick_records}
+    assert {"sampler_step", "loss", "projection", "copy", "train_step", "lifted_update"} <= comparisons
+    for rec in quick_records:
+        assert REQUIRED <= set(rec), rec
+        assert rec["device"] == "cpu"
+        if rec["comparison"] == "copy":
+            assert rec["a_GBps"] > 0
+            continue
+        assert rec["a_median_s"] > 0 and rec["b_median_s"] > 0
+        assert math.isclose(rec["ratio"], rec["a_median_s"] / rec["b_median_s"], rel_tol=1e-12)
+        assert "a_device_s" not in rec  # CUDA-graph device time exists only on a GPU
+
+
+def test_bench_pairs_are_the_ones_the_issue_names(quick_records):
+    by_name = {r["comparison"]: r for r in quick_records}
+    assert (by_name["sampler_step"]["a"], by_name["sampler_step"]["b"]) == ("quotient", "conventional")
+    assert (by_name["loss"]["a"], by_name["loss"]["b"]) == ("quotient", "af3_align")
+    assert by_name["projection"]["a"].startswith("default") and by_name["projection"]["b"] == "plain torch"
+    assert 0 < by_name["projection"]["a_copy_fraction"] < 1.5  # bytes / time / copy bandwidth
+
+
+def test_bench_rejects_cuda_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the error path is for machines without one")
+    assert cli_main(["bench", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_timing_helpers():
+    calls = {"a": 0, "b": 0}
+
+    def fa():
+        calls["a"] += 1
+
+    def fb():
+        calls["b"] += 1
+
+    out = bench.time_group({"a": fa, "b": fb}, torch.device("cpu"), repeats=3, warmup=1, block_s=0.001)
+    assert set(out) == {"a", "b"} and all(v > 0 for v in out.values())
+    assert calls["a"] == calls["b"] >= 4  # interleaved blocks of the same length
+    assert bench.device_time(fa, torch.device("cpu")) is None
+    assert bench.fmt_seconds(2.5).strip() == "2.500 s" and bench.fmt_seconds(2e-6).strip() == "2.0 us"
+
+
+def test_step_study_summary_picks_the_cheapest_passing_budget():
+    from benchmarks.step_study import summarise
+
+    def rec(sampler, steps, nfe, effect, passed=True, seed=0):
+        return {"case": "toy", "sampler": sampler, "steps": steps, "nfe": nfe, "effect_size": effect,
+                "p_value": 0.5 if passed else 1e-9, "passed": passed, "seed": seed}
+
+    records = [rec("em", 200, 200, 0.050), rec("em", 200, 200, 0.040, seed=1),
+               rec("heun_pow", 8, 15, 0.055), rec("heun_pow", 8, 15, 0.030, seed=1),   # mean 0.0425 <= 0.045
+               rec("heun_pow", 6, 11, 0.020), rec("heun_pow", 6, 11, 0.020, False, seed=1),  # one run fails
+               rec("edm_pow", 10, 19, 0.090), rec("edm_pow", 10, 19, 0.080, seed=1)]
+    table, summary = summarise(records, reference_steps=200)
+    found = {s["sampler"]: s for s in summary}
+    assert found["heun_pow"]["nfe"] == 15 and math.isclose(found["heun_pow"]["fraction_of_reference"], 15 / 200)
+    assert found["edm_pow"]["nfe"] is None
+    assert "not reached" in table
