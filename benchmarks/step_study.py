@@ -145,14 +145,16 @@ def summarise(records: list[dict], reference_steps: int) -> tuple[str, list[dict
         groups.setdefault((r["case"], r["sampler"], r["steps"]), []).append(r)
     rows = []
     for (case, sampler, steps), rs in sorted(groups.items()):
+        effects = [r["effect_size"] for r in rs]
         rows.append({"case": case, "sampler": sampler, "steps": steps, "nfe": rs[0]["nfe"],
-                     "effect_size": statistics.mean(r["effect_size"] for r in rs),
+                     "effect_size": statistics.mean(effects),
+                     "effect_se": statistics.stdev(effects) / len(effects) ** 0.5 if len(effects) > 1 else float("nan"),
                      "min_p": min(r["p_value"] for r in rs), "all_pass": all(r["passed"] for r in rs),
                      "seeds": len(rs)})
-    lines = [f"{'case':<6} {'sampler':<9} {'steps':>6} {'NFE':>6} {'effect':>8} {'min p':>8} {'pass':>5}"]
+    lines = [f"{'case':<6} {'sampler':<9} {'steps':>6} {'NFE':>6} {'effect':>8} {'± se':>7} {'min p':>8} {'pass':>5}"]
     for row in rows:
         lines.append(f"{row['case']:<6} {row['sampler']:<9} {row['steps']:>6} {row['nfe']:>6} {row['effect_size']:>8.4f} "
-                     f"{row['min_p']:>8.3g} {('all' if row['all_pass'] else 'no'):>5}")
+                     f"{row['effect_se']:>7.4f} {row['min_p']:>8.3g} {('all' if row['all_pass'] else 'no'):>5}")
     summary = []
     lines.append("")
     lines.append(f"budget to reach the Euler-Maruyama effect size at {reference_steps} steps (mean over seeds, all runs passing):")

@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         register_bench = None
     if register_bench is not None:
         register_bench(subparsers)
+    from .kernels.aot import register as register_kernels
+
+    register_kernels(subparsers)
     return parser
 
 

@@ -39,6 +39,7 @@ differentiates exactly as before.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -52,7 +53,7 @@ from ..masking import apply_mask, center as _torch_center
 from ..sde import tame as _tame
 from . import emulate, generic_triton, se3_triton
 
-__all__ = ["FusedGeometry", "triton_available", "triton_error", "interpreting", "status", "PATHS", "MAX_TILE_POINTS"]
+__all__ = ["FusedGeometry", "LaunchPlan", "triton_available", "triton_error", "interpreting", "status", "PATHS", "MAX_TILE_POINTS"]
 
 PATHS = ("auto", "triton", "torch", "emulate", "interpret")
 
@@ -203,7 +204,17 @@ def _per_config(value, batch_shape, count: int, like: torch.Tensor):
     return value.expand(batch_shape).reshape(count).contiguous(), 1
 
 
-def _config(n: int, count: int, dtype, one_tile: bool):
+def _config(n: int, count: int, dtype, one_tile: bool, register_weight: float = 1.0):
+    """``(BLOCK_B, BLOCK_N, num_warps)`` for configurations of ``n`` points.
+
+    A program holds a tile of ~1024 (float32) / 512 (float64) points. ``num_warps`` is chosen so
+    that each thread holds at most ~4 float32 (2 float64) points times ``register_weight`` (the
+    group's per-point register cost relative to SE(3): larger for higher ``d`` and more generators).
+    The budget comes from compiling every mode for sm_90 on a CPU (``qmanifold kernels``): with 8
+    points per thread the SE(3) lifted update needed 232 registers per thread (float32; 12 of 64
+    warps per SM resident) and SO(4) spilled 1-1.7 KB of registers to the stack; with the budget
+    above no configuration spills and SE(3) needs 78-154 registers.
+    """
     tile = 1024 if dtype == torch.float32 else 512
     if one_tile:
         block_n = max(4, _next_pow2(n))
@@ -213,8 +224,32 @@ def _config(n: int, count: int, dtype, one_tile: bool):
         block_b = max(1, tile // block_n)
     block_b = max(1, min(block_b, _next_pow2(max(count, 1))))
     elements = block_b * block_n
-    num_warps = 4 if elements <= 1024 else min(16, elements // 256)
+    per_thread = 4 if dtype == torch.float32 else 2
+    threads = elements * register_weight / per_thread
+    num_warps = min(16, max(4, _next_pow2(math.ceil(threads / 32))))
     return block_b, block_n, num_warps
+
+
+@dataclasses.dataclass
+class LaunchPlan:
+    """One kernel launch, prepared by :meth:`FusedGeometry.plan` (see there)."""
+
+    mode: int
+    out: torch.Tensor
+    out2: torch.Tensor | None
+    out_shape: tuple
+    empty: bool
+    args: list = dataclasses.field(default_factory=list)
+    constexprs: dict = dataclasses.field(default_factory=dict)
+    grid: tuple = (0,)
+    num_warps: int = 4
+    dtype: torch.dtype | None = None
+
+    def outputs(self):
+        out = self.out.reshape(self.out_shape)
+        if self.mode == 3:
+            return out, self.out2.reshape(self.out_shape)
+        return out
 
 
 class FusedGeometry:
@@ -226,9 +261,11 @@ class FusedGeometry:
         generated: use the kernel generated from the group's symbolic geometry even for SO(3)
             groups (which otherwise get the hand-written kernel); the torch path is then the
             generic lowering as well. For comparisons and tests.
+        num_warps: fix the warps per program of every launch (for tuning sweeps); by default they
+            follow the register budget of :func:`_config`.
     """
 
-    def __init__(self, group, path: str = "auto", *, generated: bool = False):
+    def __init__(self, group, path: str = "auto", *, generated: bool = False, num_warps: int | None = None):
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
         if not getattr(group, "generators", None):
@@ -239,6 +276,13 @@ class FusedGeometry:
         self.translations = bool(group.translations)
         self.is_so3 = group.kind == "special_orthogonal" and group.point_dim == 3 and not generated
         self._kernels = _SE3 if self.is_so3 else None
+        # per-point register cost relative to SE(3): coordinates held per point (d) and the
+        # k-dimensional momenta / solves grow it (see _config)
+        k = len(group.generators)
+        self._register_weight = max(1.0, (self.point_dim / 3) * max(1.0, k / 3) ** 0.5)
+        if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two between 1 and 32, got {num_warps!r}")
+        self.num_warps = num_warps
         if path in ("triton", "interpret") and not triton_available():
             raise RuntimeError(f"path={path!r} but Triton is unavailable ({triton_error()})")
         if path == "interpret" and not interpreting():
@@ -303,10 +347,15 @@ class FusedGeometry:
 
     # -- the launch -----------------------------------------------------------------------------
 
-    def _launch(self, mode: int, x, u=None, z=None, mask=None, offsets=None, *, a=None, s=None, c=None,
-                lim=None, max_size=None, path=None):
-        """Run the kernel in ``mode``; returns ``out`` (and ``out2`` for mode 3)."""
-        path = path or self.runs(x if x is not None else u)
+    def plan(self, mode: int, x, u=None, z=None, mask=None, offsets=None, *, a=None, s=None, c=None,
+             lim=None, max_size=None) -> "LaunchPlan":
+        """The kernel launch for ``mode`` on these inputs, without running it: the flattened argument
+        list, the constexpr specialisation, the grid and ``num_warps``, and the output buffers.
+
+        Modes: 0 centring, 1 ``P_x``, 2 ``h``, 3 ``(P_x, h)``, 4 lifted update, 5 Euler update. Works
+        on any device, including ``meta`` tensors (:mod:`qmanifold.kernels.aot` compiles plans
+        ahead of time on a machine without a GPU).
+        """
         d = self.point_dim
         ref = x if x is not None else u
         packed = offsets is not None
@@ -326,51 +375,62 @@ class FusedGeometry:
             flat = lambda t: t.reshape(count, n, d).contiguous()  # noqa: E731
             offs = None
             n_arg = n
-        out_shape = ref.shape
         xf = flat(x) if x is not None else None
         uf = flat(u) if u is not None else None
         zf = flat(z) if z is not None else None
         anyf = xf if xf is not None else uf
         out = torch.empty_like(anyf)
         out2 = torch.empty_like(anyf) if mode == 3 else None
-        if count == 0 or anyf.numel() == 0:
-            out = out.zero_().reshape(out_shape)
-            return (out, out2.zero_().reshape(out_shape)) if mode == 3 else out
+        plan = LaunchPlan(mode=mode, out=out, out2=out2, out_shape=ref.shape, empty=count == 0 or anyf.numel() == 0)
+        if plan.empty:
+            return plan
         has_mask = mask is not None and not packed
         maskf = mask.reshape(count, n).contiguous().view(torch.uint8) if has_mask else anyf
         a_t, a_st = _per_config(a, batch_shape, count, anyf)
         s_t, s_st = _per_config(s, batch_shape, count, anyf)
         c_t, c_st = _per_config(c, batch_shape, count, anyf)
         l_t, l_st = _per_config(lim, batch_shape, count, anyf)
-        block_b, block_n, num_warps = _config(n, count, anyf.dtype, one_tile)
-        grid = (-(-count // block_b),)
-        args = [
+        block_b, block_n, plan.num_warps = _config(n, count, anyf.dtype, one_tile, self._register_weight)
+        plan.num_warps = self.num_warps or plan.num_warps
+        plan.grid = (-(-count // block_b),)
+        plan.args = [
             xf if xf is not None else anyf, uf if uf is not None else anyf, zf if zf is not None else anyf,
             maskf, offs if offs is not None else anyf, out, out2 if out2 is not None else out,
             a_t, a_st, s_t, s_st, c_t, c_st, l_t, l_st, _consts(anyf.dtype, anyf.device), count, n_arg,
         ]
-        constexprs = dict(MODE=mode, CENTER=self.translations, HAS_MASK=has_mask, PACKED=packed,
-                          ONE_TILE=one_tile, TAME=lim is not None, BLOCK_B=block_b, BLOCK_N=block_n)
+        plan.constexprs = dict(MODE=mode, CENTER=self.translations, HAS_MASK=has_mask, PACKED=packed,
+                               ONE_TILE=one_tile, TAME=lim is not None, BLOCK_B=block_b, BLOCK_N=block_n)
+        plan.dtype = anyf.dtype
+        return plan
+
+    def _launch(self, mode: int, x, u=None, z=None, mask=None, offsets=None, *, a=None, s=None, c=None,
+                lim=None, max_size=None, path=None):
+        """Run the kernel in ``mode``; returns ``out`` (and ``out2`` for mode 3), or None when the
+        kernel failed to compile on the ``auto`` path (the caller then uses the torch path)."""
+        path = path or self.runs(x if x is not None else u)
+        plan = self.plan(mode, x, u, z, mask, offsets, a=a, s=s, c=c, lim=lim, max_size=max_size)
+        if plan.empty:
+            plan.out.zero_()
+            if plan.out2 is not None:
+                plan.out2.zero_()
+            return plan.outputs()
         ks = self.kernels
         if path == "emulate":
-            emulate.launch(ks.emulated(), grid, *args, DTYPE=anyf.dtype, **constexprs)
-        else:
-            tl = _triton()[1]
-            kernel = ks.jit()
-            try:
-                kernel[grid](*args, DTYPE=tl.float32 if anyf.dtype == torch.float32 else tl.float64,
-                             num_warps=num_warps, **constexprs)
-            except Exception as exc:
-                if self.path == "triton" or type(exc).__name__ not in ("CompilationError", "CompileTimeAssertionFailure"):
-                    raise
-                _BROKEN[ks.name] = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"qmanifold: the fused {ks.name} kernel failed to compile; using the torch path "
-                              f"({type(exc).__name__})", RuntimeWarning, stacklevel=3)
-                return None
-        out = out.reshape(out_shape)
-        if mode == 3:
-            return out, out2.reshape(out_shape)
-        return out
+            emulate.launch(ks.emulated(), plan.grid, *plan.args, DTYPE=plan.dtype, **plan.constexprs)
+            return plan.outputs()
+        tl = _triton()[1]
+        kernel = ks.jit()
+        try:
+            kernel[plan.grid](*plan.args, DTYPE=tl.float32 if plan.dtype == torch.float32 else tl.float64,
+                              num_warps=plan.num_warps, **plan.constexprs)
+        except Exception as exc:
+            if self.path == "triton" or type(exc).__name__ not in ("CompilationError", "CompileTimeAssertionFailure"):
+                raise
+            _BROKEN[ks.name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"qmanifold: the fused {ks.name} kernel failed to compile; using the torch path "
+                          f"({type(exc).__name__})", RuntimeWarning, stacklevel=3)
+            return None
+        return plan.outputs()
 
     @staticmethod
     def _needs_grad(*tensors) -> bool:

@@ -1,0 +1,249 @@
+"""Ahead-of-time compilation of the fused kernels for a GPU architecture, on any machine.
+
+Triton's Linux wheel carries the whole NVIDIA tool chain it needs (LLVM, ``ptxas``,
+``cuobjdump``), and :func:`triton.compile` only needs a target, not a device. So the exact
+specialisations that :meth:`FusedGeometry._launch` would launch can be compiled to a cubin for,
+say, sm_90 (H100 / H200) on a laptop, and the cubin's resource usage read back:
+
+* that every mode / dtype / layout compiles at all (Triton's typing and lowering, which the CPU
+  emulator and Triton's interpreter do not exercise);
+* registers per thread and bytes of stack (register spills to local memory, fatal for a
+  memory-bound kernel), and from them the number of warps that fit on one SM (occupancy).
+
+The argument list and specialisation come from :meth:`FusedGeometry.plan` on ``meta`` tensors of
+the real shapes, so what is compiled is what would run. Pointer arguments are marked 16-byte
+aligned, as Triton's launcher does for torch allocations.
+
+Command line: ``qmanifold kernels [--arch 90] [--groups SE3 SO4 ...]`` prints the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from . import FusedGeometry, _triton, triton_available, triton_error
+
+__all__ = ["CompileReport", "compile_plan", "compile_op", "representative_ops", "occupancy", "format_reports",
+           "MODES"]
+
+MODES = {0: "center", 1: "projection", 2: "curvature", 3: "projection+curvature", 4: "lifted update", 5: "euler update"}
+
+#: Per-SM limits used for the occupancy estimate (sm_80 and sm_90 alike): 64 K 32-bit registers,
+#: 64 resident warps, registers allocated per warp in units of 256.
+SM_REGISTERS, SM_MAX_WARPS, REGISTER_UNIT = 65536, 64, 256
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """Resource usage of one compiled specialisation."""
+
+    kernel: str
+    mode: int
+    dtype: str
+    layout: str
+    points: int
+    block_b: int
+    block_n: int
+    num_warps: int
+    arch: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    shared_bytes: int
+    seconds: float
+
+    @property
+    def spills(self) -> bool:
+        """Whether the compiler put values on the stack / in local memory (register spills)."""
+        return self.stack_bytes > 0 or self.local_bytes > 0
+
+    @property
+    def occupancy(self) -> float:
+        return occupancy(self.registers, self.num_warps)
+
+
+def occupancy(registers: int, num_warps: int) -> float:
+    """Fraction of an SM's 64 warps resident at once, as limited by registers (and warps)."""
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    blocks = min(SM_REGISTERS // max(per_warp * num_warps, 1), SM_MAX_WARPS // num_warps)
+    return blocks * num_warps / SM_MAX_WARPS
+
+
+def _type_of(arg) -> str:
+    if isinstance(arg, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float64: "fp64", torch.uint8: "u8", torch.int64: "i64",
+                      torch.int32: "i32"}[arg.dtype]
+    if isinstance(arg, bool):
+        return "i1"
+    if isinstance(arg, int):
+        return "i32" if -(2**31) <= arg < 2**31 else "i64"
+    return "fp32"
+
+
+def _tool(name: str) -> str:
+    triton = _triton()[0]
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise RuntimeError(f"Triton's NVIDIA tool chain has no {name} at {path}")
+    return path
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        text = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                              check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if m is None:
+        raise RuntimeError(f"could not read the resource usage from cuobjdump's output:\n{text}")
+    reg, stack, shared, local = (int(g) for g in m.groups())
+    return {"registers": reg, "stack_bytes": stack, "shared_bytes": shared, "local_bytes": local}
+
+
+def compile_plan(geom: FusedGeometry, plan, *, arch: int = 90) -> tuple[object, dict]:
+    """Compile ``plan`` (from :meth:`FusedGeometry.plan`) for ``sm_<arch>``; returns the compiled
+    kernel and its resource usage."""
+    if not triton_available():
+        raise RuntimeError(f"compiling ahead of time needs Triton ({triton_error()})")
+    triton, tl = _triton()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = geom.kernels.jit()
+    names = jit.arg_names
+    constexprs = dict(plan.constexprs, DTYPE=tl.float32 if plan.dtype == torch.float32 else tl.float64)
+    signature, attrs = {}, {}
+    for i, (name, arg) in enumerate(zip(names, plan.args)):
+        signature[name] = _type_of(arg)
+        if isinstance(arg, torch.Tensor):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in constexprs:
+        signature[name] = "constexpr"
+    source = ASTSource(jit, signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.num_warps})
+    return kernel, _resource_usage(kernel.asm["cubin"])
+
+
+def compile_op(geom: FusedGeometry, mode: int, *, points: int = 29, batch: int = 65536, dtype=torch.float32,
+               masked: bool = True, packed: bool = False, arch: int = 90) -> CompileReport:
+    """Compile the specialisation that ``mode`` would launch for ``batch`` configurations of
+    ``points`` points (padded with a mask, or packed with offsets), and report its resources."""
+    d = geom.point_dim
+    meta = dict(device="meta", dtype=dtype)
+    scalar = torch.empty(batch, **meta)
+    if packed:
+        x = torch.empty(batch * points, d, **meta)
+        offsets, mask = torch.empty(batch + 1, device="meta", dtype=torch.int64), None
+        extra = dict(offsets=offsets, max_size=points)
+    else:
+        x = torch.empty(batch, points, d, **meta)
+        mask = torch.empty(batch, points, device="meta", dtype=torch.bool) if masked else None
+        extra = dict(mask=mask)
+    u = x if mode != 2 else None
+    z = x if mode == 4 else None
+    kwargs = {}
+    if mode in (4, 5):
+        kwargs.update(a=scalar)
+    if mode == 4:
+        kwargs.update(s=scalar, c=scalar, lim=scalar)
+    plan = geom.plan(mode, x if mode != 0 else None, u if mode != 0 else x, z, **extra, **kwargs)
+    start = time.perf_counter()
+    _, usage = compile_plan(geom, plan, arch=arch)
+    layout = "packed" if packed else ("masked" if masked else "dense")
+    return CompileReport(kernel=geom.kernels.name, mode=mode, dtype=str(dtype).replace("torch.", ""), layout=layout,
+                         points=points, block_b=plan.constexprs["BLOCK_B"], block_n=plan.constexprs["BLOCK_N"],
+                         num_warps=plan.num_warps, arch=arch, seconds=time.perf_counter() - start, **usage)
+
+
+def representative_ops(full: bool = False) -> list[dict]:
+    """The specialisations worth compiling: the hot modes at QM9 size (29 points), a protein-like
+    size (256), the streaming variant (5000) and the packed layout; ``full`` adds every mode."""
+    modes = range(6) if full else (1, 3, 4)
+    ops = [dict(mode=m, points=29, dtype=dt) for m in modes for dt in (torch.float32, torch.float64)]
+    ops += [dict(mode=m, points=256, dtype=torch.float32, batch=4096) for m in (3, 4)]
+    ops += [dict(mode=4, points=5000, dtype=torch.float32, batch=64)]
+    ops += [dict(mode=3, points=29, dtype=torch.float32, packed=True)]
+    return ops
+
+
+def format_reports(reports: list[CompileReport]) -> str:
+    lines = [f"{'kernel':<22} {'op':<21} {'dtype':<8} {'layout':<7} {'N':>5} {'tile':>9} {'warps':>5} "
+             f"{'regs':>5} {'stack B':>8} {'occupancy':>9} {'compile':>8}"]
+    for r in reports:
+        lines.append(f"{r.kernel[:22]:<22} {MODES[r.mode]:<21} {r.dtype:<8} {r.layout:<7} {r.points:>5} "
+                     f"{f'{r.block_b}x{r.block_n}':>9} {r.num_warps:>5} {r.registers:>5} {r.stack_bytes + r.local_bytes:>8} "
+                     f"{100 * r.occupancy:>8.0f}% {r.seconds:>7.1f}s" + ("  SPILLS" if r.spills else ""))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line: qmanifold kernels
+
+
+def _group(name: str):
+    import groups
+
+    if name.startswith("Torus"):
+        return groups.Torus(int(name[5:]))
+    if not hasattr(groups, name):
+        raise ValueError(f"unknown group {name!r}; try SE3, SO3, SE2, SO2, Torus2")
+    return getattr(groups, name)
+
+
+def _run(args) -> int:
+    import json
+
+    from . import status
+
+    st = status()
+    print(f"triton: {'yes' if st['triton'] else 'no'}  cuda: {'yes' if st['cuda'] else 'no'}  "
+          f"interpreter: {'yes' if st['interpreting'] else 'no'}")
+    if not st["triton"]:
+        print(f"error: compiling the kernels needs Triton ({st['triton_error']}); pip install triton", flush=True)
+        return 2
+    try:
+        geoms = [FusedGeometry(_group(name)) for name in args.groups]
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    reports, failures = [], []
+    for arch in args.arch:
+        print(f"\ncompiling for sm_{arch} (on this machine, no GPU needed):")
+        for geom in geoms:
+            for op in representative_ops(args.full):
+                try:
+                    reports.append(compile_op(geom, arch=arch, **op))
+                except Exception as exc:  # report every failure, not only the first
+                    failures.append(f"{geom.kernels.name} {MODES[op['mode']]} {op}: {type(exc).__name__}: {exc}")
+        print(format_reports([r for r in reports if r.arch == arch]))
+    spills = [r for r in reports if r.spills]
+    print(f"\n{len(reports)} specialisations compiled, {len(failures)} failed, {len(spills)} with register spills")
+    for line in failures:
+        print("FAILED:", line)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([dict(dataclasses.asdict(r), occupancy=r.occupancy) for r in reports], fh, indent=2)
+        print(f"wrote {args.json}")
+    return 1 if failures else 0
+
+
+def register(subparsers) -> None:
+    """Add ``qmanifold kernels`` (ahead-of-time compile report) to the command line."""
+    p = subparsers.add_parser(
+        "kernels", help="compile the fused kernels for a GPU architecture (no GPU needed) and report registers",
+        description="Compile the fused quotient kernels ahead of time for sm_<arch> with Triton's tool chain and "
+                    "report registers per thread, stack (spills) and occupancy of each specialisation.")
+    p.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities (90: H100/H200, 80: A100)")
+    p.add_argument("--groups", nargs="+", default=["SE3", "SE2", "Torus2"], help="built-in groups to compile for")
+    p.add_argument("--full", action="store_true", help="every mode, not only the hot ones")
+    p.add_argument("--json", metavar="PATH", help="write the reports as JSON")
+    p.set_defaults(func=_run)

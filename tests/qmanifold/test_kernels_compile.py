@@ -1,0 +1,91 @@
+"""The fused kernels compile for the GPUs they target, without a GPU (qmanifold.kernels.aot).
+
+Triton's wheel carries LLVM, ptxas and cuobjdump, so each specialisation that
+``FusedGeometry._launch`` would launch is compiled here to an sm_90 (H100 / H200) or sm_80 (A100)
+cubin, and its resource usage is read back. This checks what neither the CPU emulator nor Triton's
+interpreter can: that the kernels type-check and lower through Triton's compiler, and that the
+launch configuration (``num_warps`` per tile, chosen by a register budget) does not make the
+compiler spill registers to local memory, which would add memory traffic to a memory-bound kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+
+import groups
+import qmanifold.kernels as K
+from qmanifold import LieGroup
+from qmanifold.cli import main as cli_main
+from qmanifold.kernels import FusedGeometry
+
+pytestmark = pytest.mark.skipif(not K.triton_available(), reason=f"Triton is not installed here ({K.triton_error()}); "
+                                "it is in the 'test' extra on Linux x86-64")
+
+SO4 = LieGroup("SO(4)", 4, generators=[
+    sympy.Matrix(4, 4, lambda r, c: (1 if (r, c) == (j, i) else -1 if (r, c) == (i, j) else 0))
+    for i in range(4) for j in range(i + 1, 4)
+])
+
+
+def aot():
+    from qmanifold.kernels import aot as module
+
+    return module
+
+
+@pytest.mark.parametrize("op", aot().representative_ops() if K.triton_available() else [],
+                         ids=lambda op: f"{aot().MODES[op['mode']]}-N{op['points']}-{str(op['dtype'])[6:]}"
+                         + ("-packed" if op.get("packed") else ""))
+def test_se3_kernel_compiles_for_sm90_without_spills(op):
+    report = aot().compile_op(FusedGeometry(groups.SE3), arch=90, **op)
+    assert report.kernel == "se3"
+    assert not report.spills, report
+    # the register budget of _config: every SE(3) specialisation keeps at least 8 of 64 warps resident
+    assert report.registers <= 168 and report.occupancy >= 0.125, report
+
+
+@pytest.mark.parametrize("name, group, generated", [
+    ("SE3-generated", groups.SE3, True), ("SO4", SO4, False), ("T2", groups.Torus(2), False), ("SE2", groups.SE2, False),
+])
+@pytest.mark.parametrize("mode", [3, 4])
+def test_generated_kernels_compile_for_sm90(name, group, generated, mode):
+    geom = FusedGeometry(group, generated=generated)
+    for dtype in (torch.float32, torch.float64):
+        report = aot().compile_op(geom, mode, points=29, dtype=dtype, arch=90)
+        assert report.kernel.startswith("generic:")
+        # float32: no spills at all; float64 on the 4-dimensional SO(4) (6 generators) may keep a
+        # couple of registers on the stack, never the kilobytes that 4 warps per tile used to spill
+        limit = 0 if dtype == torch.float32 else 16
+        assert report.stack_bytes + report.local_bytes <= limit, report
+
+
+def test_compiles_for_a100_and_plan_matches_launch():
+    geom = FusedGeometry(groups.SE3)
+    report = aot().compile_op(geom, 4, points=29, batch=1000, arch=80)
+    assert report.arch == 80 and not report.spills
+    # the plan compiled is the launch's plan: same tile and warps as _config chooses
+    block_b, block_n, warps = K._config(29, 1000, torch.float32, True, geom._register_weight)
+    assert (report.block_b, report.block_n, report.num_warps) == (block_b, block_n, warps)
+    fixed = FusedGeometry(groups.SE3, num_warps=4)
+    assert aot().compile_op(fixed, 1, points=29, arch=90).num_warps == 4
+    with pytest.raises(ValueError, match="num_warps"):
+        FusedGeometry(groups.SE3, num_warps=3)
+
+
+def test_occupancy_arithmetic():
+    occ = aot().occupancy
+    assert occ(32, 4) == 1.0          # 16 blocks of 4 warps
+    assert occ(255, 4) == 0.125       # 255 -> 256 regs: 8192 per warp, 2 blocks of 4 warps
+    assert occ(136, 8) == 0.125       # 136 -> 4352 per warp, 34816 per block: 1 block
+    assert occ(78, 8) == 0.375        # 80 regs: 2560 per warp, 3 blocks of 8 warps
+
+
+def test_kernels_command(capsys, tmp_path):
+    path = tmp_path / "kernels.json"
+    assert cli_main(["kernels", "--groups", "SE3", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "compiling for sm_90" in out and "0 failed" in out and "se3" in out
+    assert path.exists() and '"registers"' in path.read_text()
+    assert cli_main(["kernels", "--groups", "Nope"]) == 2
