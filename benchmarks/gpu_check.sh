@@ -6,7 +6,7 @@
 #   3. qmanifold bench --device cuda; 4. the kernel / packed / geometry / network tests (the
 #   emulated-kernel tests are skipped here: they run on every CPU); 5. the engine benchmark;
 #   6. the training step of each loss under torch.profiler (kernels per step, device time, the
-#   operators that differ).
+#   operators that differ); 7. num_warps sweep of the hot kernels (device time by CUDA graph).
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu_out}"
@@ -56,7 +56,7 @@ for name, group, gen in (("SE3 hand", groups.SE3, False), ("SE3 generated", grou
 PY
 
 echo "=== 3. qmanifold bench"
-timeout 50 $PY -m qmanifold.cli bench --device $DEVICE $BENCH_FLAGS ${BENCH_SECTIONS:-} --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
+timeout 90 $PY -m qmanifold.cli bench --device $DEVICE $BENCH_FLAGS ${BENCH_SECTIONS:-} --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
 
 echo "=== 4. tests (CUDA paths)"
 timeout 60 $PY -m pytest tests/qmanifold/test_kernels.py tests/qmanifold/test_packed.py -q -p no:cacheprovider \
@@ -69,4 +69,6 @@ timeout 30 $PY -m benchmarks.bench_engine --device $DEVICE --quick --json "$OUT/
 echo "=== 6. training-step profile"
 timeout 60 $PY -m benchmarks.profile_train_step --device $DEVICE $([ "$DEVICE" = cpu ] && echo --quick) \
     --json "$OUT/profile_train_step.json" 2>&1 | grep -v "^USDT" | tee "$OUT/profile_train_step.txt"
+echo "=== 7. kernel launch-configuration sweep"
+[ "$DEVICE" = cuda ] && timeout 60 $PY -m benchmarks.kernel_sweep --json "$OUT/kernel_sweep.json" 2>&1 | grep -v "warn" | tee "$OUT/kernel_sweep.txt"
 echo "=== done"

@@ -1,0 +1,87 @@
+"""Launch-configuration sweep of the fused kernels on a GPU: device time per ``num_warps``.
+
+``qmanifold kernels`` predicts registers, spills and occupancy of each specialisation from an
+ahead-of-time compile; this measures what they cost on the device. For the hot operations
+(``P_x``, ``(P_x, h)``, the lifted update) at the benchmark sizes it times the default launch
+configuration and fixed ``num_warps`` of 4, 8 and 16 by CUDA-graph replay
+(:func:`qmanifold.bench.device_time`: no host launch path), and prints the device time, the
+fraction of the copy bandwidth it implies, and the registers per thread of that specialisation.
+
+Run (GPU only)::
+
+    python -m benchmarks.kernel_sweep                 # float32, SE(3)
+    python -m benchmarks.kernel_sweep --json sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from qmanifold.bench import copy_bandwidth, device_time
+
+
+def sweep(device: torch.device, sizes, warps=(None, 4, 8, 16)) -> list[dict]:
+    import groups
+    from qmanifold.kernels import FusedGeometry
+    from qmanifold.kernels.aot import compile_op
+
+    copy_bps = copy_bandwidth(device, 256 << 20)
+    print(f"copy bandwidth {copy_bps / 1e9:.0f} GB/s on {torch.cuda.get_device_name(device)}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    records = []
+    print(f"{'op':<22} {'size':<14} {'warps':>7} {'regs':>5} {'device time':>12} {'% of copy':>10}")
+    for batch, points in sizes:
+        x = torch.randn(batch, points, 3, generator=gen, device=device)
+        v = torch.randn_like(x)
+        z = torch.randn_like(x)
+        s = torch.full((batch,), 0.1, device=device)
+        floats = batch * points * 3 * 4
+        for w in warps:
+            geom = FusedGeometry(groups.SE3, path="triton", num_warps=w)
+            ops = {
+                "projection": (1, lambda: geom.horizontal_projection(v, x), 3 * floats),
+                "projection+curvature": (3, lambda: geom.projection_and_curvature(v, x), 4 * floats),
+                "lifted update": (4, lambda: geom.lifted_update(x, v, z, 0.01, s, -0.005, tame_limit=s), 4 * floats),
+            }
+            for name, (mode, fn, nbytes) in ops.items():
+                t = device_time(fn, device)
+                try:
+                    regs = compile_op(geom, mode, points=points, batch=batch, masked=False, arch=90).registers
+                except Exception:  # the register report is a convenience
+                    regs = -1
+                used = geom.plan(mode, x, v if mode != 2 else None, z if mode == 4 else None,
+                                 a=s if mode == 4 else None).num_warps
+                rec = {"op": name, "batch": batch, "points": points, "num_warps": used, "default": w is None,
+                       "registers": regs, "device_s": t, "copy_fraction": nbytes / t / copy_bps if t else None}
+                records.append(rec)
+                label = f"{used}{' (default)' if w is None else ''}"
+                frac = f"{100 * rec['copy_fraction']:.1f}%" if t else "n/a"
+                dev = f"{t * 1e6:.1f} us" if t else "n/a"
+                print(f"{name:<22} {f'{batch}x{points}':<14} {label:>7} {regs:>5} {dev:>12} {frac:>10}", flush=True)
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        print("error: the kernel sweep needs a CUDA device (the kernels' CPU paths are tested, not timed, here)",
+              file=sys.stderr)
+        return 2
+    records = sweep(device, [(65536, 29), (4096, 256), (16384, 256)])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(records, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
