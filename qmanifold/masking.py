@@ -13,10 +13,11 @@ __all__ = ["apply_mask", "count_points", "masked_sum", "masked_mean", "center", 
 
 
 def apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the padded points of ``x`` (shape ``(..., N, d)``)."""
+    """Zero the padded points of ``x`` (shape ``(..., N, d)``): exactly zero, even where ``x`` holds
+    NaN or inf at a padded point (a selection, not a multiplication by the mask)."""
     if mask is None:
         return x
-    return x * mask.unsqueeze(-1).to(x.dtype)
+    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def count_points(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

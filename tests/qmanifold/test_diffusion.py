@@ -324,6 +324,46 @@ def test_validate_false_skips_value_checks_only():
         QuotientDiffusion(SE3, lambda x, t, mask=None: x[:, :1], LINEAR, validate=False).loss(torch.randn(2, 4, 3))
 
 
+class _NaNAfter:
+    """A denoiser that returns zeros, then NaN at one padded-out-of-nothing real point from call ``k`` on."""
+
+    def __init__(self, k):
+        self.k, self.calls = k, 0
+
+    def __call__(self, x, t, mask=None, **cond):
+        self.calls += 1
+        out = torch.zeros_like(x)
+        if self.calls >= self.k:
+            out[0, 1, 2] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde", "heun"])
+def test_sampling_finiteness_check_is_deferred_on_accelerators(sampler, monkeypatch):
+    """On a CPU a non-finite denoiser output stops sampling at once; on an accelerator the check is
+    recorded on the device (no host synchronisation per evaluation) and raised when sampling ends,
+    naming the first bad evaluation and its time."""
+    from qmanifold import diffusion as D
+
+    immediate = _NaNAfter(3)
+    with pytest.raises(ValueError, match="denoiser output contains 1 non-finite"):
+        QuotientDiffusion(SE3, immediate, LINEAR).sample((2, 5, 3), steps=6, sampler=sampler, dtype=F64)
+    assert immediate.calls == 3
+
+    monkeypatch.setattr(D, "_defer_finite_checks", lambda device: True)
+    deferred = _NaNAfter(3)
+    with pytest.raises(ValueError, match=r"1 non-finite value\(s\) at real points, first at evaluation 3 of (\d+) \(t = "):
+        QuotientDiffusion(SE3, deferred, LINEAR).sample((2, 5, 3), steps=6, sampler=sampler, dtype=F64)
+    assert deferred.calls > 3  # ran to the end, then raised
+    # a NaN only at a padded point is not an error; a clean run raises nothing
+    clean = QuotientDiffusion(SE3, _zero, LINEAR)
+    assert clean.sample((2, 5, 3), steps=4, sampler=sampler, dtype=F64).isfinite().all()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 1] = False
+    padded = QuotientDiffusion(SE3, _NaNAfter(1), LINEAR).sample(mask=mask, steps=4, sampler=sampler, dtype=F64)
+    assert padded.isfinite().all() and clean._monitor is None
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Reproducibility, chunking, masks
 
