@@ -428,7 +428,10 @@ class QuotientDiffusion(nn.Module):
                 x0 = self._noise(tuple(shape), mask, generator, dtype, device)
         else:
             self._check_data(x0, mask, "x0")
-        times = self._time_grid(steps, time_grid, dtype, device)
+        # the grid is built (or copied once) on the host: the Heun sampler branches on its values,
+        # and nothing in the sampling loop then synchronises with the device
+        times_host = self._time_grid(steps, time_grid, dtype, torch.device("cpu"))
+        times = times_host.to(device)
         bar = _progress(times.shape[0] - 1, progress, f"sampling ({sampler}, {geometry})")
         callback = (lambda i, t, x: bar.update(1)) if bar is not None else None
         monitor = _FiniteMonitor() if self.validate and _defer_finite_checks(device) else None
@@ -437,7 +440,8 @@ class QuotientDiffusion(nn.Module):
             if sampler in ("ode", "sde"):
                 result = self._sample_em(x0, times, mask, sampler, eta, geometry, generator, return_trajectory, callback, curvature_factor, cond)
             else:
-                result = self._sample_heun(x0, times, mask, sampler, churn, geometry, generator, return_trajectory, callback, curvature_factor, cond)
+                result = self._sample_heun(x0, times, times_host.tolist(), mask, sampler, churn, geometry, generator,
+                                           return_trajectory, callback, curvature_factor, cond)
         finally:
             self._monitor = outer_monitor
             if bar is not None:
@@ -467,7 +471,8 @@ class QuotientDiffusion(nn.Module):
             generator=generator, return_trajectory=trajectory, callback=callback,
         )
 
-    def _sample_heun(self, x0, times, mask, sampler, churn, geometry, generator, trajectory, callback, curvature_factor, cond):
+    def _sample_heun(self, x0, times, t_list, mask, sampler, churn, geometry, generator, trajectory, callback,
+                     curvature_factor, cond):
         """Heun (second order) on the (lifted) probability-flow ODE, with EDM churn for ``"edm"``.
 
         The churn step moves from t back to an earlier (noisier) time t_hat with the same
@@ -483,7 +488,6 @@ class QuotientDiffusion(nn.Module):
         batch_shape = x0.shape[:-2]
         x = x0
         traj = [x] if trajectory else None
-        t_list = times.tolist()  # the grid is not data: branching on it is fine
         t_max = getattr(interp, "t_max", 1.0)
         for i in range(len(t_list) - 1):
             t_cur, t_next = times[i], times[i + 1]

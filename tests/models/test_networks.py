@@ -261,6 +261,26 @@ def test_all_parameters_receive_gradients(name):
         assert torch.isfinite(p.grad).all(), pname
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_training_step_and_sampling_have_no_host_sync(name):
+    """On ``meta`` tensors (shapes, no data) anything that reads a value on the host raises: the
+    molecular denoisers, the quotient loss and the samplers never synchronise with the device."""
+    import groups
+    from qmanifold import Quotient, QuotientDiffusion
+
+    model = build_denoiser(name).to("meta")
+    x, t, atoms, bonds = make_batch(dtype=torch.float32)
+    mask = torch.ones(x.shape[:2], dtype=torch.bool)
+    mask[0, -2:] = False
+    meta = {"atom_types": atoms.to("meta"), "bond_types": bonds.to("meta")}
+    diffusion = QuotientDiffusion(Quotient(groups.SE3), model, "linear", validate=False)
+    diffusion.loss(torch.empty(x.shape, device="meta"), mask.to("meta"), **meta).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    for sampler in ("sde", "heun"):
+        out = diffusion.sample(mask=mask.to("meta"), steps=2, sampler=sampler, device="meta", **meta)
+        assert out.shape == x.shape
+
+
 def random_rotations(B, gen, dtype=torch.float32):
     """(B, 3, 3) random proper rotations (QR of Gaussian matrices, sign-fixed)."""
     q, r = torch.linalg.qr(torch.randn(B, 3, 3, generator=gen, dtype=dtype))

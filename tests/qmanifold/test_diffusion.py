@@ -714,3 +714,52 @@ def test_af3_alignment_forgives_rotations_the_conventional_loss_does_not():
     assert (quot > 1e-3).all()
     geodiff = loss("geodiff_align")
     assert torch.isfinite(geodiff).all() and (geodiff > 1e-3).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. No host synchronisation in the hot loops
+#
+# A tensor on the ``meta`` device has a shape and a dtype but no data: anything that copies a value
+# to the host (``.item()``, ``bool(t)``, ``.tolist()``, a Python branch on data) raises. Running a
+# training step and every sampler on meta tensors therefore proves that none of them synchronises
+# with the device, which on a GPU would stall the launch queue once per step.
+
+
+class _LinearDenoiser(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x, t, mask=None, **cond):
+        return self.lin(torch.cat([x, t[:, None, None].expand(*x.shape[:-1], 1)], -1))
+
+
+@pytest.mark.parametrize("loss", ["quotient", "conventional", "af3_align", "geodiff_align"])
+def test_training_step_has_no_host_sync(loss):
+    net = _LinearDenoiser().to("meta")
+    model = QuotientDiffusion(SE3, net, LINEAR, loss=loss, validate=False)
+    mask = torch.ones(4, 6, dtype=torch.bool, device="meta")
+    model.loss(torch.empty(4, 6, 3, device="meta"), mask).backward()
+    assert net.lin.weight.grad is not None and net.lin.weight.grad.device.type == "meta"
+    # with validation on, the data check is the (one) place that reads values
+    with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
+        QuotientDiffusion(SE3, net, LINEAR, loss=loss).loss(torch.empty(4, 6, 3, device="meta"), mask)
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde", "heun", "edm"])
+@pytest.mark.parametrize("geometry", ["quotient", "conventional"])
+def test_samplers_have_no_host_sync(sampler, geometry, monkeypatch):
+    from qmanifold import diffusion as D
+
+    net = _LinearDenoiser().to("meta")
+    mask = torch.ones(3, 5, dtype=torch.bool, device="meta")
+    out = QuotientDiffusion(SE3, net, LINEAR, validate=False).sample(mask=mask, steps=3, sampler=sampler,
+                                                                    geometry=geometry, device="meta")
+    assert out.shape == (3, 5, 3) and out.device.type == "meta"
+    # validation on an accelerator: the per-evaluation checks stay on the device; only the final
+    # check reads a value (here it is the one call that fails on meta)
+    monkeypatch.setattr(D, "_defer_finite_checks", lambda device: True)
+    reads = []
+    monkeypatch.setattr(D._FiniteMonitor, "check", lambda self: reads.append(self.calls))
+    QuotientDiffusion(SE3, net, LINEAR).sample(mask=mask, steps=3, sampler=sampler, geometry=geometry, device="meta")
+    assert len(reads) == 1 and reads[0] >= 3
