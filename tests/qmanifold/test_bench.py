@@ -88,3 +88,6 @@ def test_step_study_summary_picks_the_cheapest_passing_budget():
     assert found["heun_pow"]["nfe"] == 15 and math.isclose(found["heun_pow"]["fraction_of_reference"], 15 / 200)
     assert found["edm_pow"]["nfe"] is None
     assert "not reached" in table
+    # within noise: the paired difference to EM (seed by seed) is at most two standard errors
+    assert found["heun_pow"]["nfe_within_noise"] == 15
+    assert found["edm_pow"]["nfe_within_noise"] is None  # +0.04 ± 0.005: clearly worse
