@@ -488,15 +488,20 @@ def run_suite(
 # Reporting
 
 
+def _fmt_effect(value: float) -> str:
+    """The effect size with 3 decimals, or 4 significant digits when it is large (a failing variant)."""
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
 def format_table(records: Sequence[VerificationRecord]) -> str:
     """A plain-text table of the records."""
-    header = f"{'target':<16}{'variant':<32}{'expect':<8}{'result':<8}{'KS D':>8}{'p-value':>11}{'W1/sd':>8}{'n':>7}{'steps':>7}  verdict"
+    header = f"{'target':<16}{'variant':<32}{'expect':<8}{'result':<8}{'KS D':>8}{'p-value':>11}{'W1/sd':>10}{'n':>7}{'steps':>7}  verdict"
     lines = [header, "-" * len(header)]
     for r in records:
         verdict = "ok" if r.ok else "WRONG"
         lines.append(
             f"{r.target:<16}{r.variant:<32}{r.expected:<8}{'pass' if r.passed else 'fail':<8}"
-            f"{r.statistic:>8.3f}{r.p_value:>11.2e}{r.effect_size:>8.3f}{r.n_samples:>7d}{r.steps:>7d}  {verdict}"
+            f"{r.statistic:>8.3f}{r.p_value:>11.2e}{_fmt_effect(r.effect_size):>10}{r.n_samples:>7d}{r.steps:>7d}  {verdict}"
         )
     n_ok = sum(r.ok for r in records)
     lines.append("-" * len(header))

@@ -112,3 +112,13 @@ def test_suite_skips_negative_controls_on_discrete_groups():
     records = run_suite(["lattice"], n_samples=500, steps=50, heun_steps=20, progress=False)
     assert {r.variant for r in records} == {"quotient_ode", "quotient_sde", "quotient_heun"}
     assert all(r.ok for r in records)
+
+
+def test_table_keeps_columns_apart_for_huge_effect_sizes():
+    from qmanifold.verify.runner import VerificationRecord, format_table
+
+    rec = VerificationRecord(target="se3", variant="garbage_vertical_conventional", expected="fail", passed=False,
+                             statistic=1.0, p_value=0.0, effect_size=726189.795, n_samples=4000, steps=200,
+                             seconds=1.0, description="", group="SE(3)", features={})
+    row = format_table([rec]).splitlines()[2].split()
+    assert row[5:8] == ["0.00e+00", "7.262e+05", "4000"]
