@@ -26,8 +26,10 @@ Paths (``FusedGeometry(group, path=...)``): ``"auto"`` runs the Triton kernel fo
 Triton imports and the torch path otherwise; ``"triton"`` requires it; ``"torch"`` never uses it;
 ``"emulate"`` runs the kernel source through :mod:`qmanifold.kernels.emulate` on CPU, and
 ``"interpret"`` runs it through Triton's own interpreter on CPU tensors (a process started with
-``TRITON_INTERPRET=1``; both for tests only: slow). Nothing here synchronises with the host (packed batches: pass ``max_size`` to pick the
-one-pass variant; see :mod:`qmanifold.packed`).
+``TRITON_INTERPRET=1``; both for tests only: slow). Nothing here synchronises with the host
+(packed batches: pass ``max_size`` to pick the one-pass variant; see :mod:`qmanifold.packed`).
+:meth:`FusedGeometry.plan` prepares a launch without running it; :mod:`qmanifold.kernels.aot`
+compiles such plans for a GPU architecture on any machine (``qmanifold kernels``).
 
 Autograd: the projection and the centring are symmetric linear maps of ``v``, so their backward
 with respect to ``v`` is the same fused kernel applied to the incoming gradient (a
@@ -53,7 +55,8 @@ from ..masking import apply_mask, center as _torch_center
 from ..sde import tame as _tame
 from . import emulate, generic_triton, se3_triton
 
-__all__ = ["FusedGeometry", "LaunchPlan", "triton_available", "triton_error", "interpreting", "status", "PATHS", "MAX_TILE_POINTS"]
+__all__ = ["FusedGeometry", "LaunchPlan", "triton_available", "triton_error", "interpreting", "status", "PATHS",
+           "MAX_TILE_POINTS"]
 
 PATHS = ("auto", "triton", "torch", "emulate", "interpret")
 
@@ -213,7 +216,7 @@ def _config(n: int, count: int, dtype, one_tile: bool, register_weight: float = 
     The budget comes from compiling every mode for sm_90 on a CPU (``qmanifold kernels``): with 8
     points per thread the SE(3) lifted update needed 232 registers per thread (float32; 12 of 64
     warps per SM resident) and SO(4) spilled 1-1.7 KB of registers to the stack; with the budget
-    above no configuration spills and SE(3) needs 78-154 registers.
+    above no float32 configuration spills and SE(3) needs 73-154 registers.
     """
     tile = 1024 if dtype == torch.float32 else 512
     if one_tile:
