@@ -56,8 +56,8 @@ def time_group(fns: dict[str, Callable], device: torch.device, *, repeats: int, 
                block_s: float = 0.05) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin in blocks after warm-up.
 
-    The functions are interleaved (block of f1, block of f2, ..., repeated ``repeats`` times) so that
-    changing background load affects all of them alike. Each block runs ``number`` calls, chosen
+    The functions are interleaved (block of f1, block of f2, ..., repeated ``repeats`` times, the
+    order rotated each round) so that changing background load affects all of them alike. Each block runs ``number`` calls, chosen
     from the last warm-up round so that a block of the slowest function lasts about ``block_s``,
     and is bracketed by device synchronisation.
     """
@@ -82,9 +82,12 @@ def time_group(fns: dict[str, Callable], device: torch.device, *, repeats: int, 
         return (time.perf_counter() - start) / number
 
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            times[k].append(block(f))
+    keys = list(fns)
+    for r in range(repeats):
+        # rotate the order each round, so that no function always runs first (after another's
+        # synchronisation, allocator state or clock ramp)
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            times[k].append(block(fns[k]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
