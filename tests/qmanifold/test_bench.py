@@ -68,6 +68,10 @@ def test_timing_helpers():
     out = bench.time_group({"a": fa, "b": fb}, torch.device("cpu"), repeats=3, warmup=1, block_s=0.001)
     assert set(out) == {"a", "b"} and all(v > 0 for v in out.values())
     assert calls["a"] == calls["b"] >= 4  # interleaved blocks of the same length
+    order = []
+    bench.time_group({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, torch.device("cpu"),
+                     repeats=2, warmup=1, block_s=1e-9)
+    assert order == ["a", "b", "a", "b", "b", "a"]  # warm-up, then rounds in rotated order
     assert bench.device_time(fa, torch.device("cpu")) is None
     assert bench.fmt_seconds(2.5).strip() == "2.500 s" and bench.fmt_seconds(2e-6).strip() == "2.0 us"
 
