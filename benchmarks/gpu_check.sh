@@ -70,5 +70,5 @@ echo "=== 6. training-step profile"
 timeout 60 $PY -m benchmarks.profile_train_step --device $DEVICE $([ "$DEVICE" = cpu ] && echo --quick) \
     --json "$OUT/profile_train_step.json" 2>&1 | grep -v "^USDT" | tee "$OUT/profile_train_step.txt"
 echo "=== 7. kernel launch-configuration sweep"
-[ "$DEVICE" = cuda ] && timeout 60 $PY -m benchmarks.kernel_sweep --json "$OUT/kernel_sweep.json" 2>&1 | grep -v "warn" | tee "$OUT/kernel_sweep.txt"
+[ "$DEVICE" = cuda ] && timeout 150 $PY -m benchmarks.kernel_sweep --json "$OUT/kernel_sweep.json" 2>&1 | grep -v "warn" | tee "$OUT/kernel_sweep.txt"
 echo "=== done"

@@ -2,7 +2,8 @@
 
 ``qmanifold kernels`` predicts registers, spills and occupancy of each specialisation from an
 ahead-of-time compile; this measures what they cost on the device. For the hot operations
-(``P_x``, ``(P_x, h)``, the lifted update) at the benchmark sizes it times the default launch
+(``P_x``, ``(P_x, h)``, the lifted update) at 65536 x 29 and 16384 x 256 points, for SE(3) and the
+generated 2-torus kernel, it times the default launch
 configuration and fixed ``num_warps`` of 4, 8 and 16 by CUDA-graph replay
 (:func:`qmanifold.bench.device_time`: no host launch path), and prints the device time, the
 fraction of the copy bandwidth it implies, and the registers per thread of that specialisation.
@@ -24,24 +25,32 @@ import torch
 from qmanifold.bench import copy_bandwidth, device_time
 
 
-def sweep(device: torch.device, sizes, warps=(None, 4, 8, 16)) -> list[dict]:
+def sweep(device: torch.device, sizes, warps=(None, 4, 8, 16), group_names=("SE3",)) -> list[dict]:
     import groups
     from qmanifold.kernels import FusedGeometry
     from qmanifold.kernels.aot import compile_op
 
+    records = []
+    for group_name in group_names:
+        group = groups.Torus(int(group_name[5:])) if group_name.startswith("Torus") else getattr(groups, group_name)
+        records += _sweep_group(device, group, group_name, sizes, warps, FusedGeometry, compile_op)
+    return records
+
+
+def _sweep_group(device, group, group_name, sizes, warps, FusedGeometry, compile_op) -> list[dict]:
     copy_bps = copy_bandwidth(device, 256 << 20)
-    print(f"copy bandwidth {copy_bps / 1e9:.0f} GB/s on {torch.cuda.get_device_name(device)}")
+    print(f"{group_name}: copy bandwidth {copy_bps / 1e9:.0f} GB/s on {torch.cuda.get_device_name(device)}")
     gen = torch.Generator(device=device).manual_seed(0)
     records = []
     print(f"{'op':<22} {'size':<14} {'warps':>7} {'regs':>5} {'device time':>12} {'% of copy':>10}")
     for batch, points in sizes:
-        x = torch.randn(batch, points, 3, generator=gen, device=device)
+        x = torch.randn(batch, points, group.point_dim, generator=gen, device=device)
         v = torch.randn_like(x)
         z = torch.randn_like(x)
         s = torch.full((batch,), 0.1, device=device)
-        floats = batch * points * 3 * 4
+        floats = batch * points * group.point_dim * 4
         for w in warps:
-            geom = FusedGeometry(groups.SE3, path="triton", num_warps=w)
+            geom = FusedGeometry(group, path="triton", num_warps=w)
             ops = {
                 "projection": (1, lambda: geom.horizontal_projection(v, x), 3 * floats),
                 "projection+curvature": (3, lambda: geom.projection_and_curvature(v, x), 4 * floats),
@@ -55,8 +64,8 @@ def sweep(device: torch.device, sizes, warps=(None, 4, 8, 16)) -> list[dict]:
                     regs = -1
                 used = geom.plan(mode, x, v if mode != 2 else None, z if mode == 4 else None,
                                  a=s if mode == 4 else None).num_warps
-                rec = {"op": name, "batch": batch, "points": points, "num_warps": used, "default": w is None,
-                       "registers": regs, "device_s": t, "copy_fraction": nbytes / t / copy_bps if t else None}
+                rec = {"group": group_name, "op": name, "batch": batch, "points": points, "num_warps": used,
+                       "default": w is None, "registers": regs, "device_s": t, "copy_fraction": nbytes / t / copy_bps if t else None}
                 records.append(rec)
                 label = f"{used}{' (default)' if w is None else ''}"
                 frac = f"{100 * rec['copy_fraction']:.1f}%" if t else "n/a"
@@ -69,13 +78,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--groups", nargs="+", default=["SE3", "Torus2"], help="built-in groups (SE3, SE2, TorusK)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
         print("error: the kernel sweep needs a CUDA device (the kernels' CPU paths are tested, not timed, here)",
               file=sys.stderr)
         return 2
-    records = sweep(device, [(65536, 29), (4096, 256), (16384, 256)])
+    # every (size, warps, op) is a Triton compilation on first use (~1-2 s): two sizes keep it short
+    records = sweep(device, [(65536, 29), (16384, 256)], group_names=args.groups)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(records, fh, indent=2)
