@@ -96,13 +96,13 @@ class _Counter:
 
 
 def run_study(cases, grids: dict[str, list[int]], *, seeds: int, n_samples: int, dtype=torch.float64,
-              device="cpu", power: float = 1.5, progress: bool = True) -> list[dict]:
+              device="cpu", power: float = 1.5, progress: bool = True, first_seed: int = 0) -> list[dict]:
     records = []
     for case_name in cases:
         for sampler, steps_list in grids.items():
             variant, grid = SAMPLERS[sampler]
             for steps in steps_list:
-                for seed in range(seeds):
+                for seed in range(first_seed, first_seed + seeds):
                     start = time.perf_counter()
                     with _Counter() as counter, _TimeGrid(power if grid == "power" else None):
                         rec = R.run_case(R.builtin_case(case_name), variant, n_samples=n_samples, steps=steps,
@@ -119,13 +119,14 @@ def run_study(cases, grids: dict[str, list[int]], *, seeds: int, n_samples: int,
     return records
 
 
-def noise_floor(cases, *, seeds: int, n_samples: int, dtype=torch.float64, device="cpu") -> list[dict]:
+def noise_floor(cases, *, seeds: int, n_samples: int, dtype=torch.float64, device="cpu",
+                first_seed: int = 0) -> list[dict]:
     """Effect size between two independent *exact* samples (what a perfect sampler scores): the
     floor below which differences between samplers are sampling noise."""
     out = []
     for case_name in cases:
         case = R.builtin_case(case_name)
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             gen = torch.Generator(device=device).manual_seed(seed + 20_000)
             ref_gen = torch.Generator(device=device).manual_seed(seed + 10_000)  # as run_case
             a = case.target.sample(n_samples, gen, dtype=dtype, device=device)
@@ -217,6 +218,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=None, help="verify targets (default: so2 se3; --quick: so2)")
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1 (to "
+                        "extend an earlier run; merge the JSON records)")
     parser.add_argument("--n-samples", type=int, default=4000, help="samples per run (the verify default)")
     parser.add_argument("--em-steps", default="50,100,200", help="Euler-Maruyama step counts (uniform grid)")
     parser.add_argument("--em-pow-steps", default="50,100", help="Euler-Maruyama step counts (power grid)")
@@ -243,8 +246,9 @@ def main(argv=None) -> dict:
     if args.reference_steps not in grids["em"] and not args.no_reference:
         grids["em"].append(args.reference_steps)
     start = time.perf_counter()
-    records = noise_floor(cases, seeds=seeds, n_samples=args.n_samples, device=args.device)
-    records += run_study(cases, grids, seeds=seeds, n_samples=args.n_samples, device=args.device, power=args.power)
+    records = noise_floor(cases, seeds=seeds, n_samples=args.n_samples, device=args.device, first_seed=args.first_seed)
+    records += run_study(cases, grids, seeds=seeds, n_samples=args.n_samples, device=args.device, power=args.power,
+                         first_seed=args.first_seed)
     table, summary = summarise(records, args.reference_steps)
     print()
     print(table)
