@@ -295,6 +295,8 @@ def run(args) -> list[dict]:
         print(_row(rec), flush=True)
 
     def compare(comparison, fa, fb, a, b, size, nbytes=None, mem=True, device_times=None):
+        """Time ``fa`` against ``fb``; ``device_times`` (default: when ``nbytes`` is given) adds the
+        CUDA-graph device time of both on a GPU."""
         ta, tb = time_pair(fa, fb, device, **timing)
         rec = {"comparison": comparison, "a": a, "b": b, "a_median_s": ta, "b_median_s": tb, "ratio": ta / tb,
                "device": str(device), "size": size}
@@ -308,13 +310,15 @@ def run(args) -> list[dict]:
         if mem and device.type == "cuda":
             rec["a_peak_bytes"] = peak_memory(fa, device)
             rec["b_peak_bytes"] = peak_memory(fb, device)
-        if (nbytes is not None if device_times is None else device_times) and device.type == "cuda":
+        if device_times is None:
+            device_times = nbytes is not None
+        if device_times and device.type == "cuda":
             # the same ops replayed from a CUDA graph: GPU time without the host launch path
             for side, fn in (("a", fa), ("b", fb)):
                 dev_s = device_time(fn, device)
                 if dev_s is not None:
                     rec[f"{side}_device_s"] = dev_s
-                    if copy_bps:
+                    if copy_bps and nbytes is not None:
                         rec[f"{side}_device_copy_fraction"] = nbytes / dev_s / copy_bps
         emit(rec)
         return rec
