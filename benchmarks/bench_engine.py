@@ -39,7 +39,7 @@ import torch
 
 import groups
 from qmanifold import Quotient, QuotientDiffusion
-from qmanifold.bench import build_denoiser, make_batch, one_step, time_group, time_pair
+from qmanifold.bench import build_denoiser, make_batch, one_step, time_group, time_pair, training_step
 from qmanifold.bench import fmt_seconds as _fmt
 
 __all__ = ["make_batch", "time_group", "time_pair", "run", "main"]
@@ -101,15 +101,8 @@ def run(args) -> list[dict]:
             }, [("P_x + h(x)", f"{name} forward")], model_size)
 
         # --- training: loss forward + backward ------------------------------------------------
-        def train_step(kind):
-            model = QuotientDiffusion(q, net, "linear", loss=kind)
-
-            def f():
-                net.zero_grad(set_to_none=True)
-                model.loss(x1, mask, generator=gen, **cond).backward()
-            return f
-
-        compare(f"{name}: loss fwd+bwd", {k: train_step(k) for k in ("quotient", "conventional", "af3_align")},
+        compare(f"{name}: loss fwd+bwd",
+                {k: training_step(q, net, k, x1, mask, cond, gen) for k in ("quotient", "conventional", "af3_align")},
                 [("quotient", "conventional"), ("af3_align", "conventional"), ("quotient", "af3_align")], model_size)
 
     # --- the machinery alone ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from collections import defaultdict
 
 import torch
 
-from qmanifold.bench import build_denoiser, make_batch, time_group
+from qmanifold.bench import build_denoiser, make_batch, time_group, training_step
 
 LOSSES = ("quotient", "conventional", "af3_align")
 
@@ -45,7 +45,6 @@ def _self_time(event, cuda: bool) -> float:
 def profile_losses(device: torch.device, *, quick: bool, steps: int, batch: int, top: int = 12) -> dict:
     import groups
     from qmanifold import Quotient
-    from qmanifold.diffusion import QuotientDiffusion
 
     dtype = torch.float32
     data = make_batch(batch, 29, device=device, dtype=dtype)
@@ -56,15 +55,7 @@ def profile_losses(device: torch.device, *, quick: bool, steps: int, batch: int,
     quotient = Quotient(groups.SE3)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def train_step(kind):
-        model = QuotientDiffusion(quotient, net, "linear", loss=kind)
-
-        def step():
-            net.zero_grad(set_to_none=True)
-            model.loss(x1, mask, generator=gen, **cond).backward()
-        return step
-
-    fns = {kind: train_step(kind) for kind in LOSSES}
+    fns = {kind: training_step(quotient, net, kind, x1, mask, cond, gen) for kind in LOSSES}
     wall = time_group(fns, device, repeats=5, warmup=2, block_s=0.05 if quick else 0.2)
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])

@@ -21,7 +21,8 @@ alternating blocks (:func:`time_group`), and reported as medians and ratios ``a 
 * ``kabsch`` vs ``projection``: the alignment AF3 needs vs the projection the quotient loss needs.
 
 Shared timing / batch utilities (:func:`time_group`, :func:`time_pair`, :func:`make_batch`,
-:func:`build_denoiser`, :func:`one_step`) are also used by ``benchmarks/bench_engine.py``.
+:func:`build_denoiser`, :func:`one_step`, :func:`training_step`) are also used by
+``benchmarks/bench_engine.py`` and ``benchmarks/profile_train_step.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "time_group", "time_pair", "make_batch", "build_denoiser", "one_step", "fmt_seconds",
+    "time_group", "time_pair", "make_batch", "build_denoiser", "one_step", "training_step", "fmt_seconds",
     "copy_bandwidth", "device_time", "run", "format_table", "register", "main",
 ]
 
@@ -57,9 +58,9 @@ def time_group(fns: dict[str, Callable], device: torch.device, *, repeats: int, 
     """Median seconds per call of each function, timed round-robin in blocks after warm-up.
 
     The functions are interleaved (block of f1, block of f2, ..., repeated ``repeats`` times, the
-    order rotated each round) so that changing background load affects all of them alike. Each block runs ``number`` calls, chosen
-    from the last warm-up round so that a block of the slowest function lasts about ``block_s``,
-    and is bracketed by device synchronisation.
+    order rotated each round) so that changing background load affects all of them alike. Each
+    block runs ``number`` calls, chosen from the last warm-up round so that a block of the slowest
+    function lasts about ``block_s``, and is bracketed by device synchronisation.
     """
     device = torch.device(device)
     slowest = 1e-7
@@ -248,6 +249,19 @@ def one_step(model, sampler: str, geometry: str, x, mask, cond, t0: float, t1: f
     return step
 
 
+def training_step(quotient, net, loss: str, x1, mask, cond, gen) -> Callable:
+    """A function doing one training step's forward + backward of ``loss`` with ``net``."""
+    from .diffusion import QuotientDiffusion
+
+    model = QuotientDiffusion(quotient, net, "linear", loss=loss)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        model.loss(x1, mask, generator=gen, **cond).backward()
+
+    return step
+
+
 # ----------------------------------------------------------------------------------------------
 # the benchmark
 
@@ -397,15 +411,8 @@ def run(args) -> list[dict]:
         params = sum(p.numel() for p in net.parameters())
         size = f"B={batch},N=29,real={int(mask.sum())},egnn:{params}params"
         if "loss" in sections:
-            def train_step(kind):
-                model = QuotientDiffusion(q, net, "linear", loss=kind)
-
-                def f():
-                    net.zero_grad(set_to_none=True)
-                    model.loss(x1, mask, generator=gen, **cond).backward()
-                return f
-
-            med = time_group({k: train_step(k) for k in ("quotient", "af3_align", "conventional")}, device, **timing)
+            med = time_group({k: training_step(q, net, k, x1, mask, cond, gen) for k in ("quotient", "af3_align", "conventional")},
+                             device, **timing)
             for comp, a, b in (("loss", "quotient", "af3_align"), ("train_step", "quotient", "conventional")):
                 emit({"comparison": comp, "a": a, "b": b, "a_median_s": med[a], "b_median_s": med[b],
                       "ratio": med[a] / med[b], "size": size})

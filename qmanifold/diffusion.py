@@ -66,8 +66,7 @@ class _FiniteMonitor:
         self.first_count = None
 
     def observe(self, out: torch.Tensor, t: torch.Tensor) -> None:
-        finite = torch.isfinite(out)
-        bad_count = (~finite).sum()
+        bad_count = (~torch.isfinite(out)).sum()
         if self.first is None:
             self.first = torch.full((), -1, dtype=torch.int64, device=out.device)
             self.first_t = torch.zeros((), dtype=t.dtype, device=t.device)
@@ -440,7 +439,7 @@ class QuotientDiffusion(nn.Module):
             if sampler in ("ode", "sde"):
                 result = self._sample_em(x0, times, mask, sampler, eta, geometry, generator, return_trajectory, callback, curvature_factor, cond)
             else:
-                result = self._sample_heun(x0, times, times_host.tolist(), mask, sampler, churn, geometry, generator,
+                result = self._sample_heun(x0, times_host, mask, sampler, churn, geometry, generator,
                                            return_trajectory, callback, curvature_factor, cond)
         finally:
             self._monitor = outer_monitor
@@ -471,7 +470,7 @@ class QuotientDiffusion(nn.Module):
             generator=generator, return_trajectory=trajectory, callback=callback,
         )
 
-    def _sample_heun(self, x0, times, t_list, mask, sampler, churn, geometry, generator, trajectory, callback,
+    def _sample_heun(self, x0, times_host, mask, sampler, churn, geometry, generator, trajectory, callback,
                      curvature_factor, cond):
         """Heun (second order) on the (lifted) probability-flow ODE, with EDM churn for ``"edm"``.
 
@@ -489,6 +488,8 @@ class QuotientDiffusion(nn.Module):
         x = x0
         traj = [x] if trajectory else None
         t_max = getattr(interp, "t_max", 1.0)
+        times = times_host.to(x0.device)
+        t_list = times_host.tolist()  # the grid's values, read on the host: branching on them costs no sync
         for i in range(len(t_list) - 1):
             t_cur, t_next = times[i], times[i + 1]
             if sampler == "edm" and churn > 0 and 0 < i < len(t_list) - 2:

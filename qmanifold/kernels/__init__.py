@@ -246,7 +246,10 @@ class LaunchPlan:
     constexprs: dict = dataclasses.field(default_factory=dict)
     grid: tuple = (0,)
     num_warps: int = 4
-    dtype: torch.dtype | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out.dtype
 
     def outputs(self):
         out = self.out.reshape(self.out_shape)
@@ -393,8 +396,8 @@ class FusedGeometry:
         s_t, s_st = _per_config(s, batch_shape, count, anyf)
         c_t, c_st = _per_config(c, batch_shape, count, anyf)
         l_t, l_st = _per_config(lim, batch_shape, count, anyf)
-        block_b, block_n, plan.num_warps = _config(n, count, anyf.dtype, one_tile, self._register_weight)
-        plan.num_warps = self.num_warps or plan.num_warps
+        block_b, block_n, num_warps = _config(n, count, anyf.dtype, one_tile, self._register_weight)
+        plan.num_warps = self.num_warps or num_warps
         plan.grid = (-(-count // block_b),)
         plan.args = [
             xf if xf is not None else anyf, uf if uf is not None else anyf, zf if zf is not None else anyf,
@@ -403,7 +406,6 @@ class FusedGeometry:
         ]
         plan.constexprs = dict(MODE=mode, CENTER=self.translations, HAS_MASK=has_mask, PACKED=packed,
                                ONE_TILE=one_tile, TAME=lim is not None, BLOCK_B=block_b, BLOCK_N=block_n)
-        plan.dtype = anyf.dtype
         return plan
 
     def _launch(self, mode: int, x, u=None, z=None, mask=None, offsets=None, *, a=None, s=None, c=None,

@@ -150,14 +150,16 @@ def compile_op(geom: FusedGeometry, mode: int, *, points: int = 29, batch: int =
         x = torch.empty(batch, points, d, **meta)
         mask = torch.empty(batch, points, device="meta", dtype=torch.bool) if masked else None
         extra = dict(mask=mask)
-    u = x if mode != 2 else None
-    z = x if mode == 4 else None
+    # the operands each mode reads: centring only u, the curvature only x, the lifted update also z
+    x_arg = None if mode == 0 else x
+    u_arg = None if mode == 2 else x
+    z_arg = x if mode == 4 else None
     kwargs = {}
     if mode in (4, 5):
         kwargs.update(a=scalar)
     if mode == 4:
         kwargs.update(s=scalar, c=scalar, lim=scalar)
-    plan = geom.plan(mode, x if mode != 0 else None, u if mode != 0 else x, z, **extra, **kwargs)
+    plan = geom.plan(mode, x_arg, u_arg, z_arg, **extra, **kwargs)
     start = time.perf_counter()
     _, usage = compile_plan(geom, plan, arch=arch)
     layout = "packed" if packed else ("masked" if masked else "dense")
