@@ -6,7 +6,8 @@
 #   3. qmanifold bench --device cuda; 4. the kernel / packed / geometry / network tests (the
 #   emulated-kernel tests are skipped here: they run on every CPU); 5. the engine benchmark;
 #   6. the training step of each loss under torch.profiler (kernels per step, device time, the
-#   operators that differ); 7. num_warps sweep of the hot kernels (device time by CUDA graph).
+#   operators that differ); 7. host path per launch, direct launch against Triton's dispatch;
+#   8. num_warps sweep of the hot kernels (device time by CUDA graph).
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu_out}"
@@ -69,6 +70,9 @@ timeout 30 $PY -m benchmarks.bench_engine --device $DEVICE --quick --json "$OUT/
 echo "=== 6. training-step profile"
 timeout 60 $PY -m benchmarks.profile_train_step --device $DEVICE $([ "$DEVICE" = cpu ] && echo --quick) \
     --json "$OUT/profile_train_step.json" 2>&1 | grep -v "^USDT" | tee "$OUT/profile_train_step.txt"
-echo "=== 7. kernel launch-configuration sweep"
-[ "$DEVICE" = cuda ] && timeout 150 $PY -m benchmarks.kernel_sweep --json "$OUT/kernel_sweep.json" 2>&1 | grep -v "warn" | tee "$OUT/kernel_sweep.txt"
+echo "=== 7. host path per launch: direct launch vs Triton's dispatch"
+timeout 40 $PY -m benchmarks.launch_overhead $([ "$DEVICE" = cpu ] && echo --quick) --json "$OUT/launch_overhead.json" \
+    2>&1 | grep -v "warn" | tee "$OUT/launch_overhead.txt"
+echo "=== 8. kernel launch-configuration sweep"
+[ "$DEVICE" = cuda ] && timeout 130 $PY -m benchmarks.kernel_sweep --json "$OUT/kernel_sweep.json" 2>&1 | grep -v "warn" | tee "$OUT/kernel_sweep.txt"
 echo "=== done"

@@ -42,6 +42,7 @@ differentiates exactly as before.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -54,6 +55,7 @@ from .. import so3
 from ..masking import apply_mask, center as _torch_center
 from ..sde import tame as _tame
 from . import emulate, generic_triton, se3_triton
+from .launch import DirectLauncher, runtime_names
 
 __all__ = ["FusedGeometry", "LaunchPlan", "triton_available", "triton_error", "interpreting", "status", "PATHS",
            "MAX_TILE_POINTS"]
@@ -136,17 +138,35 @@ class _KernelSet:
         self.entry = entry
         self._jit = None
         self._emulated = None
+        self._launcher = None
 
     def jit(self):
+        """The ``triton.jit`` entry kernel. No runtime argument is specialised (see
+        :mod:`qmanifold.kernels.launch`): a launch's specialisation is then a function of its
+        constexprs and dtypes alone, which lets :attr:`launcher` skip Triton's dispatch."""
         if self._jit is None:
             with _lock:
                 if self._jit is None:
                     triton, tl = _triton()
-                    jitted = {name: triton.jit(fn) for name, fn in self.functions.items()}
+                    jitted = {}
+                    for name, fn in self.functions.items():
+                        if name == self.entry:
+                            runtime = runtime_names(fn)
+                            jitted[name] = triton.jit(fn, do_not_specialize=runtime,
+                                                      do_not_specialize_on_alignment=runtime)
+                        else:
+                            jitted[name] = triton.jit(fn)
                     self.namespace.update(jitted)  # helpers resolve to their jit versions
                     self.namespace["tl"] = tl
                     self._jit = jitted[self.entry]
         return self._jit
+
+    @property
+    def launcher(self) -> DirectLauncher:
+        """The compiled specialisations of :meth:`jit` and their direct launch."""
+        if self._launcher is None:
+            self._launcher = DirectLauncher(self.jit(), _triton()[0])
+        return self._launcher
 
     def emulated(self):
         if self._emulated is None:
@@ -201,12 +221,15 @@ def _per_config(value, batch_shape, count: int, like: torch.Tensor):
         return like, 0
     if not isinstance(value, torch.Tensor):
         return torch.full((1,), float(value), dtype=like.dtype, device=like.device), 0
+    if value.dim() == 0 and value.dtype == like.dtype and value.device == like.device:
+        return value.view(1), 0  # the common case (a sampler's per-step scalar): no conversion
     value = value.to(dtype=like.dtype, device=like.device)
     if value.numel() == 1:
         return value.reshape(1), 0
     return value.expand(batch_shape).reshape(count).contiguous(), 1
 
 
+@functools.lru_cache(maxsize=4096)
 def _config(n: int, count: int, dtype, one_tile: bool, register_weight: float = 1.0):
     """``(BLOCK_B, BLOCK_N, num_warps)`` for configurations of ``n`` points.
 
@@ -424,10 +447,15 @@ class FusedGeometry:
             emulate.launch(ks.emulated(), plan.grid, *plan.args, DTYPE=plan.dtype, **plan.constexprs)
             return plan.outputs()
         tl = _triton()[1]
-        kernel = ks.jit()
+        dtype_tl = tl.float32 if plan.dtype == torch.float32 else tl.float64
         try:
-            kernel[plan.grid](*plan.args, DTYPE=tl.float32 if plan.dtype == torch.float32 else tl.float64,
-                              num_warps=plan.num_warps, **plan.constexprs)
+            if path == "interpret":
+                ks.jit()[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs)
+            elif plan.out.is_cuda and plan.out.device.index != torch.cuda.current_device():
+                with torch.cuda.device(plan.out.device):  # Triton launches on the current device
+                    ks.launcher.launch(plan, dtype_tl)
+            else:
+                ks.launcher.launch(plan, dtype_tl)
         except Exception as exc:
             if self.path == "triton" or type(exc).__name__ not in ("CompilationError", "CompileTimeAssertionFailure"):
                 raise

@@ -11,8 +11,9 @@ say, sm_90 (H100 / H200) on a laptop, and the cubin's resource usage read back:
   memory-bound kernel), and from them the number of warps that fit on one SM (occupancy).
 
 The argument list and specialisation come from :meth:`FusedGeometry.plan` on ``meta`` tensors of
-the real shapes, so what is compiled is what would run. Pointer arguments are marked 16-byte
-aligned, as Triton's launcher does for torch allocations.
+the real shapes, so what is compiled is what would run. No runtime argument is specialised (no
+pointer is assumed 16-byte aligned, no integer divisible by 16), as at launch
+(:mod:`qmanifold.kernels.launch`).
 
 Command line: ``qmanifold kernels [--arch 90] [--groups SE3 SO4 ...]`` prints the table.
 """
@@ -121,14 +122,12 @@ def compile_plan(geom: FusedGeometry, plan, *, arch: int = 90) -> tuple[object, 
     jit = geom.kernels.jit()
     names = jit.arg_names
     constexprs = dict(plan.constexprs, DTYPE=tl.float32 if plan.dtype == torch.float32 else tl.float64)
-    signature, attrs = {}, {}
-    for i, (name, arg) in enumerate(zip(names, plan.args)):
-        signature[name] = _type_of(arg)
-        if isinstance(arg, torch.Tensor):
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    signature = {name: _type_of(arg) for name, arg in zip(names, plan.args)}
     for name in constexprs:
         signature[name] = "constexpr"
-    source = ASTSource(jit, signature, constexprs=constexprs, attrs=attrs)
+    # no attributes: a launch specialises no runtime argument (no alignment or divisibility
+    # assumptions; see qmanifold.kernels.launch)
+    source = ASTSource(jit, signature, constexprs=constexprs, attrs={})
     # FMA contraction on, as at launch (Triton's default; stated so that Triton >= 3.9 does not warn)
     options = {"num_warps": plan.num_warps, "enable_fp_fusion": True}
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

@@ -367,14 +367,14 @@ def test_fused_quotient_step_launches_no_more_kernels_than_conventional(sampler,
     49 + 2, ODE 11 + 1 against 17 + 1)."""
     fused_launches = []
 
-    class CountingKernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: fused_launches.append(kwargs["MODE"])
+    class CountingLauncher:
+        def launch(self, plan, dtype_tl):
+            fused_launches.append(plan.constexprs["MODE"])
 
     monkeypatch.setattr(K, "_triton", lambda: (None, type("tl", (), {"float32": "fp32", "float64": "fp64"})))
     q = Quotient(groups.SE3, backend="fused")
     monkeypatch.setattr(q._fused, "runs", lambda x: "triton")
-    monkeypatch.setattr(q._fused.kernels, "_jit", CountingKernel())
+    monkeypatch.setattr(q._fused.kernels, "_launcher", CountingLauncher())
     from qmanifold import QuotientDiffusion
 
     model = QuotientDiffusion(q, lambda x, t, mask=None: 0.5 * x, "linear", validate=False)

@@ -1,0 +1,127 @@
+"""Launching a compiled fused kernel without Triton's per-call dispatch.
+
+Why: at ~10^6 points a fused kernel moves ~50 MB, which an H200 does in ~15 us; the host path of
+one launch through ``kernel[grid](...)`` is of the same order. Per call, Triton's dispatch binds
+all 27 arguments, specialises each (dtype, 16-byte alignment of every pointer, integers equal to
+1 or divisible by 16), builds a cache key string, looks it up and checks the kernel's globals,
+before its C launcher runs. With a fake driver on a CPU (``benchmarks/launch_overhead.py``) that
+dispatch costs ~13 us per call of the SE(3) kernel, more than our own argument preparation.
+
+How: the entry kernels are jit-compiled with ``do_not_specialize`` for every runtime argument
+(integers and pointers), so Triton's specialisation of a launch depends only on the tensors'
+dtypes, whether the integers fit in 32 bits, the constexprs and ``num_warps``, all of which
+:class:`DirectLauncher` reads off a :class:`~qmanifold.kernels.LaunchPlan` in a tuple key. The
+first launch of a key goes through Triton (which compiles, caches and launches); it returns the
+compiled kernel, which is kept; later launches of that key call its C launcher directly
+(``compiled.run(grid, stream, function, metadata, ..., *args)``, the same call Triton's dispatch
+ends in).
+
+Giving up the specialisation costs nothing here: compiled for sm_90, the SE(3) and T^2 kernels
+have no vector loads or stores either way (points are interleaved, ``d`` floats apart), and the
+registers per thread differ by at most 4 (``benchmarks/launch_overhead.py --compare-specialization``).
+
+That the key is complete -- one key never stands for two of Triton's specialisations -- and that
+the direct call passes exactly the arguments Triton's dispatch passes is tested on a CPU against
+Triton's real binder with a fake driver (``tests/qmanifold/test_kernels_launch.py``).
+
+Profilers that hook Triton's launches (a call in ``knobs.runtime.launch_enter_hook`` or
+``launch_exit_hook``) keep seeing every launch: with a hook registered, every launch goes through
+Triton. ``QMANIFOLD_DIRECT_LAUNCH=0`` turns the
+direct path off.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["INT32_MAX", "DirectLauncher", "direct_launch_enabled", "runtime_names"]
+
+INT32_MAX = 2**31 - 1
+
+
+def direct_launch_enabled() -> bool:
+    """Whether launches may bypass Triton's dispatch (``QMANIFOLD_DIRECT_LAUNCH``, default on)."""
+    return os.environ.get("QMANIFOLD_DIRECT_LAUNCH", "1").lower() not in ("0", "false", "off", "no")
+
+
+def runtime_names(fn) -> list[str]:
+    """The non-constexpr parameters of a plain kernel function, in order (the ones to leave
+    unspecialised)."""
+    import inspect
+
+    names = []
+    for name, param in inspect.signature(fn).parameters.items():
+        annotation = param.annotation
+        if "constexpr" in (annotation if isinstance(annotation, str) else getattr(annotation, "__name__", repr(annotation))):
+            continue
+        names.append(name)
+    return names
+
+
+def _hooks_clear(runtime) -> bool:
+    """Whether no launch hook is registered in Triton's ``knobs.runtime``."""
+    if runtime is None:  # Triton < 3.4 keeps the hooks elsewhere: let Triton launch
+        return False
+    # each hook is None, or (Triton >= 3.5) a HookChain, empty unless a profiler registered a call
+    return all(getattr(hook, "calls", hook) in (None, [])
+               for hook in (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None)))
+
+
+class DirectLauncher:
+    """Compiled specialisations of one jit kernel, and their direct launch.
+
+    Args:
+        jit_fn: the ``triton.jit`` entry kernel, created with every runtime argument in
+            ``do_not_specialize`` / ``do_not_specialize_on_alignment``.
+        triton: the ``triton`` module.
+    """
+
+    def __init__(self, jit_fn, triton):
+        self.jit_fn = jit_fn
+        self.triton = triton
+        params = list(getattr(jit_fn, "params", []))
+        self.constexpr_names = [p.name for p in params if p.is_constexpr]
+        self.runtime_count = len(params) - len(self.constexpr_names)
+        # the launcher takes every parameter in order, constexpr slots included (it skips them)
+        self.ordered = all(not p.is_constexpr for p in params[: self.runtime_count])
+        self.unspecialised = all(p.do_not_specialize and (not hasattr(p, "do_not_specialize_on_alignment")
+                                                          or p.do_not_specialize_on_alignment)
+                                 for p in params[: self.runtime_count])
+        #: whether direct launches are possible with this kernel and Triton, and wanted
+        #: (``QMANIFOLD_DIRECT_LAUNCH`` is read once, when the kernel is first launched)
+        self.usable = self.ordered and self.unspecialised and direct_launch_enabled()
+        self.compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, its constexpr values in order)
+        self.direct_launches = 0
+        self._driver = self._runtime = None
+
+    def key(self, plan, device_index: int) -> tuple:
+        """What Triton's specialisation of ``plan`` depends on once no runtime argument is specialised:
+        the dtypes of the operand pointers (the other pointers share the data's dtype), whether the
+        sizes need 64-bit integers, the constexprs, ``num_warps`` and the device."""
+        a = plan.args
+        c = plan.constexprs
+        wide = a[16] > INT32_MAX or a[17] > INT32_MAX
+        return (a[0].dtype, a[1].dtype, a[2].dtype, a[3].dtype, a[4].dtype, a[7].dtype, a[15].dtype, wide,
+                c["MODE"], c["CENTER"], c["HAS_MASK"], c["PACKED"], c["ONE_TILE"], c["TAME"], c["BLOCK_B"],
+                c["BLOCK_N"], plan.dtype, plan.num_warps, device_index)
+
+    def launch(self, plan, dtype_tl) -> None:
+        """Launch ``plan`` on the current CUDA device: directly when its specialisation was compiled
+        before, through Triton otherwise (which compiles it, and is remembered)."""
+        if self._driver is None:
+            self._driver = self.triton.runtime.driver.active
+            self._runtime = getattr(getattr(self.triton, "knobs", None), "runtime", None)
+        device = self._driver.get_current_device()
+        direct = self.usable and _hooks_clear(self._runtime)
+        key = self.key(plan, device) if direct else None
+        entry = self.compiled.get(key) if direct else None
+        if entry is not None:
+            compiled, constexpr_values = entry
+            compiled.run(plan.grid[0], 1, 1, self._driver.get_current_stream(device), compiled.function,
+                         compiled.packed_metadata, None, None, None, *plan.args, *constexpr_values)
+            self.direct_launches += 1
+            return
+        compiled = self.jit_fn[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs)
+        if direct and compiled is not None and hasattr(compiled, "packed_metadata"):
+            values = dict(plan.constexprs, DTYPE=dtype_tl)
+            self.compiled[key] = (compiled, tuple(values[name] for name in self.constexpr_names))
