@@ -51,17 +51,23 @@ for name, group, gen in (("SE3 hand", groups.SE3, False), ("SE3 generated", grou
         try:
             a, b = f(fg), f(ref)
             err = ((a - b).abs().max() / (1 + b.abs().max())).item()
-            print(f"{name:14s} {op:11s} ok   rel err {err:.2e}  ({time.time() - t0:.1f}s incl. compile)", flush=True)
+            again = f(fg)  # the second launch of a specialisation is a direct launch on a GPU
+            same = bool(torch.equal(again, a))
+            print(f"{name:14s} {op:11s} {'ok  ' if same else 'DIFF'} rel err {err:.2e}  second call identical: {same}"
+                  f"  ({time.time() - t0:.1f}s incl. compile)", flush=True)
         except Exception:
             print(f"{name:14s} {op:11s} FAILED", flush=True); traceback.print_exc(limit=3)
+    if dev == "cuda":
+        print(f"{name}: direct launches {fg.kernels.launcher.direct_launches}", flush=True)
 PY
 
 echo "=== 3. qmanifold bench"
 timeout 90 $PY -m qmanifold.cli bench --device $DEVICE $BENCH_FLAGS ${BENCH_SECTIONS:-} --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
 
 echo "=== 4. tests (CUDA paths)"
-timeout 60 $PY -m pytest tests/qmanifold/test_kernels.py tests/qmanifold/test_packed.py -q -p no:cacheprovider \
-    -k "not emulate and not torch-" --maxfail=25 -rs > "$OUT/pytest_kernels.txt" 2>&1; tail -30 "$OUT/pytest_kernels.txt"
+timeout 70 $PY -m pytest tests/qmanifold/test_kernels.py tests/qmanifold/test_packed.py tests/qmanifold/test_kernels_launch.py \
+    -q -p no:cacheprovider -k "not emulate and not torch- and (not launch or gpu)" --maxfail=25 -rs \
+    > "$OUT/pytest_kernels.txt" 2>&1; tail -30 "$OUT/pytest_kernels.txt"
 timeout 30 $PY -m pytest tests/qmanifold/test_geometry.py tests/models/test_networks.py -q -x -p no:cacheprovider \
     > "$OUT/pytest_geometry_networks.txt" 2>&1; tail -8 "$OUT/pytest_geometry_networks.txt"
 
@@ -74,5 +80,5 @@ echo "=== 7. host path per launch: direct launch vs Triton's dispatch"
 timeout 40 $PY -m benchmarks.launch_overhead $([ "$DEVICE" = cpu ] && echo --quick) --json "$OUT/launch_overhead.json" \
     2>&1 | grep -v "warn" | tee "$OUT/launch_overhead.txt"
 echo "=== 8. kernel launch-configuration sweep"
-[ "$DEVICE" = cuda ] && timeout 130 $PY -m benchmarks.kernel_sweep --json "$OUT/kernel_sweep.json" 2>&1 | grep -v "warn" | tee "$OUT/kernel_sweep.txt"
+[ "$DEVICE" = cuda ] && timeout 120 $PY -m benchmarks.kernel_sweep --json "$OUT/kernel_sweep.json" 2>&1 | grep -v "warn" | tee "$OUT/kernel_sweep.txt"
 echo "=== done"

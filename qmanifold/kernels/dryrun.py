@@ -17,6 +17,7 @@ driver is process-global state, so use it in a process of its own.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -94,8 +95,9 @@ def fake_cuda_driver(arch: int = 90, *, record_arguments: bool = True):
     """Run Triton's dispatch against a fake sm_``arch`` device; yields a :class:`Recorder`
     (``record_arguments=False``: count the launches only, e.g. for timing).
 
-    On exit the real driver and compiler are restored and the stand-ins are dropped from the caches
-    of every jit function that saw them (ours included: the fused kernels' direct launchers).
+    On exit the real driver and compiler are restored, the stand-ins are dropped from the caches of
+    every jit function that saw them, and the fused kernels' own caches and direct launchers are
+    back as they were on entry (on a machine with a GPU: its real compiled kernels).
     """
     if not _triton():
         raise RuntimeError("the fake CUDA driver needs Triton")
@@ -114,6 +116,14 @@ def fake_cuda_driver(arch: int = 90, *, record_arguments: bool = True):
         touched.append(self)
         return kernel
 
+    # our kernels' real compiled specialisations (on a machine with a GPU) are set aside, so that
+    # nothing compiled for the device is launched with the stand-ins' host pointers, and come back
+    kernel_sets = [_SE3, *_GENERIC.values()]
+    saved = [(ks, ks._launcher, ks._jit.device_caches if ks._jit is not None else None) for ks in kernel_sets]
+    for ks, _, caches in saved:
+        ks._launcher = None
+        if caches is not None:
+            ks._jit.device_caches = collections.defaultdict(ks._jit.create_binder)
     previous_driver = driver_config._active
     previous_compile = JITFunction._do_compile
     driver_config.set_active(_FakeDriver(arch))
@@ -124,6 +134,11 @@ def fake_cuda_driver(arch: int = 90, *, record_arguments: bool = True):
         JITFunction._do_compile = previous_compile
         driver_config._active = previous_driver
         for fn in touched:
-            fn.device_caches.clear()
-        for ks in [_SE3, *_GENERIC.values()]:
-            ks._launcher = None
+            fn.device_caches = collections.defaultdict(fn.create_binder)
+        for ks, launcher, caches in saved:
+            ks._launcher = launcher
+            if caches is not None:
+                ks._jit.device_caches = caches
+        for ks in _GENERIC.values():  # kernel sets first made inside: drop what they compiled
+            if all(ks is not other for other, _, _ in saved):
+                ks._launcher = None

@@ -178,6 +178,65 @@ def test_direct_launch_can_be_switched_off():
         assert proc.stdout.strip().splitlines()[-1] == expected, proc.stdout
 
 
+def test_fake_driver_restores_the_kernels_caches():
+    """On a machine with a GPU the fused kernels hold real compiled specialisations: the fake driver
+    must neither launch those with host pointers nor lose them."""
+    geom = FusedGeometry(groups.SE3)
+    jit = geom.kernels.jit()
+    launcher, caches = geom.kernels.launcher, jit.device_caches
+    with fake_cuda_driver() as recorder:
+        assert geom.kernels.launcher is not launcher and jit.device_caches is not caches
+        geom._launch(1, torch.randn(2, 5, 3), torch.randn(2, 5, 3), path="triton")
+        assert recorder.launch_count == 1
+    assert geom.kernels.launcher is launcher and jit.device_caches is caches
+
+
+GPU_REASON = "the direct launch on a GPU is not tested here: no CUDA device"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_REASON)
+@pytest.mark.parametrize("group", ["SE3", "T2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_direct_launch_equals_tritons_dispatch_and_the_oracle(group, dtype):
+    """On the device: every op launched through Triton's dispatch, then directly (the second launch
+    of a specialisation), gives bit-identical results, and both match the torch oracle."""
+    g = groups.SE3 if group == "SE3" else groups.Torus(2)
+    geom, ref = FusedGeometry(g, path="triton"), FusedGeometry(g, path="torch")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(37, 29, g.point_dim, generator=gen, device="cuda", dtype=dtype)
+    v, z = torch.randn_like(x), torch.randn_like(x)
+    mask = torch.rand(37, 29, generator=gen, device="cuda") < 0.8
+    mask[:, :4] = True
+    s = torch.full((37,), 0.1, device="cuda", dtype=dtype)
+    dt = torch.tensor(0.01, device="cuda", dtype=dtype)
+    ops = {
+        "center": lambda f: f.center(v, mask),
+        "projection": lambda f: f.horizontal_projection(v, x, mask),
+        "curvature": lambda f: f.mean_curvature(x, mask),
+        "projection+curvature": lambda f: torch.cat(f.projection_and_curvature(v, x, mask), -1),
+        "lifted update": lambda f: f.lifted_update(x, v, z, dt, s, -0.002, mask, tame_limit=s),
+        "euler update": lambda f: f.euler_update(x, v, dt, mask),
+    }
+    launcher = geom.kernels.launcher
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    try:
+        for name, op in ops.items():
+            launcher.usable = False
+            by_triton = op(geom)
+            launcher.usable = True
+            op(geom)  # the first launch of this specialisation with the direct path on: remembered
+            before = launcher.direct_launches
+            direct = op(geom)
+            torch.cuda.synchronize()
+            assert launcher.direct_launches == before + 1, name
+            assert torch.equal(direct, by_triton), name
+            expected = op(ref)
+            assert (direct - expected).abs().max().item() <= tol * (1 + expected.abs().max().item()), name
+    finally:
+        launcher.usable = True
+
+
 def test_launch_overhead_benchmark_records_both_paths(tmp_path):
     """``benchmarks/launch_overhead.py`` (stage 7 of gpu_check.sh) on the fake driver: a record per
     op with both medians, their ratio, and direct launches actually taken."""
