@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Device check for the fused kernels (issue 6): run on the GPU machine from the repository root.
 #   bash benchmarks/gpu_check.sh            # writes logs and JSON under $OUT (default ./gpu_out)
-# Stages (each with its own time limit, so that one slow stage cannot starve the others):
-#   1. nvidia-smi and versions; 2. smoke: compile + check every kernel mode once (full tracebacks);
-#   3. qmanifold bench --device cuda; 4. the kernel / packed / geometry / network tests (the
-#   emulated-kernel tests are skipped here: they run on every CPU); 5. the engine benchmark;
-#   6. the training step of each loss under torch.profiler (kernels per step, device time, the
-#   operators that differ); 7. host path per launch, direct launch against Triton's dispatch;
-#   8. num_warps sweep of the hot kernels (device time by CUDA graph).
+# Stages (each with its own time limit, so that one slow stage cannot starve the others; the
+# most important first):
+#   1. nvidia-smi and versions; 2. smoke: compile + check every kernel mode, twice (the second
+#   launch is a direct launch); 3. qmanifold bench --device cuda (wall and device time, copy
+#   fraction); 4. the kernel / packed / launch / geometry / network tests (the emulated-kernel tests
+#   are skipped here: they run on every CPU); 5. sweep of the launch configuration (tile layout,
+#   num_warps; device time by CUDA graph); 6. host path per launch, direct launch against Triton's
+#   dispatch; 7. the training step of each loss under torch.profiler (kernels per step, device
+#   time, the operators that differ); 8. the engine benchmark.
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu_out}"
@@ -71,14 +73,14 @@ timeout 70 $PY -m pytest tests/qmanifold/test_kernels.py tests/qmanifold/test_pa
 timeout 30 $PY -m pytest tests/qmanifold/test_geometry.py tests/models/test_networks.py -q -x -p no:cacheprovider \
     > "$OUT/pytest_geometry_networks.txt" 2>&1; tail -8 "$OUT/pytest_geometry_networks.txt"
 
-echo "=== 5. engine benchmark"
-timeout 30 $PY -m benchmarks.bench_engine --device $DEVICE --quick --json "$OUT/engine_gpu.json" 2>&1 | tee "$OUT/engine_gpu.txt"
-echo "=== 6. training-step profile"
-timeout 60 $PY -m benchmarks.profile_train_step --device $DEVICE $([ "$DEVICE" = cpu ] && echo --quick) \
-    --json "$OUT/profile_train_step.json" 2>&1 | grep -v "^USDT" | tee "$OUT/profile_train_step.txt"
-echo "=== 7. host path per launch: direct launch vs Triton's dispatch"
+echo "=== 5. kernel launch-configuration sweep (tile layout, warps)"
+[ "$DEVICE" = cuda ] && timeout 140 $PY -m benchmarks.kernel_sweep --json "$OUT/kernel_sweep.json" 2>&1 | grep -v "warn" | tee "$OUT/kernel_sweep.txt"
+echo "=== 6. host path per launch: direct launch vs Triton's dispatch"
 timeout 40 $PY -m benchmarks.launch_overhead $([ "$DEVICE" = cpu ] && echo --quick) --json "$OUT/launch_overhead.json" \
     2>&1 | grep -v "warn" | tee "$OUT/launch_overhead.txt"
-echo "=== 8. kernel launch-configuration sweep"
-[ "$DEVICE" = cuda ] && timeout 120 $PY -m benchmarks.kernel_sweep --json "$OUT/kernel_sweep.json" 2>&1 | grep -v "warn" | tee "$OUT/kernel_sweep.txt"
+echo "=== 7. training-step profile"
+timeout 60 $PY -m benchmarks.profile_train_step --device $DEVICE $([ "$DEVICE" = cpu ] && echo --quick) \
+    --json "$OUT/profile_train_step.json" 2>&1 | grep -v "^USDT" | tee "$OUT/profile_train_step.txt"
+echo "=== 8. engine benchmark"
+timeout 30 $PY -m benchmarks.bench_engine --device $DEVICE --quick --json "$OUT/engine_gpu.json" 2>&1 | tee "$OUT/engine_gpu.txt"
 echo "=== done"

@@ -4,7 +4,8 @@
 ahead-of-time compile; this measures what they cost on the device. For the hot operations
 (``P_x``, ``(P_x, h)``, the lifted update) at 65536 x 29 and 16384 x 256 points, for SE(3) and the
 generated 2-torus kernel, it times the default launch
-configuration and fixed ``num_warps`` of 4, 8 and 16 by CUDA-graph replay
+configuration, fixed ``num_warps`` of 4 and 16, and the previous tile layout (``chunks=1``: a
+thread holds one point of each of several configurations) by CUDA-graph replay
 (:func:`qmanifold.bench.device_time`: no host launch path), and prints the device time, the
 fraction of the copy bandwidth it implies, and the registers per thread of that specialisation.
 
@@ -25,7 +26,12 @@ import torch
 from qmanifold.bench import copy_bandwidth, device_time
 
 
-def sweep(device: torch.device, sizes, warps=(None, 4, 8, 16), group_names=("SE3",)) -> list[dict]:
+#: (num_warps, chunks) of each launch configuration timed: the default, fixed warps, and the
+#: previous tile layout (one point of each of several configurations per thread)
+VARIANTS = ((None, None), (4, None), (16, None), (None, 1))
+
+
+def sweep(device: torch.device, sizes, variants=VARIANTS, group_names=("SE3",)) -> list[dict]:
     import groups
     from qmanifold.kernels import FusedGeometry
     from qmanifold.kernels.aot import compile_op
@@ -33,24 +39,24 @@ def sweep(device: torch.device, sizes, warps=(None, 4, 8, 16), group_names=("SE3
     records = []
     for group_name in group_names:
         group = groups.Torus(int(group_name[5:])) if group_name.startswith("Torus") else getattr(groups, group_name)
-        records += _sweep_group(device, group, group_name, sizes, warps, FusedGeometry, compile_op)
+        records += _sweep_group(device, group, group_name, sizes, variants, FusedGeometry, compile_op)
     return records
 
 
-def _sweep_group(device, group, group_name, sizes, warps, FusedGeometry, compile_op) -> list[dict]:
+def _sweep_group(device, group, group_name, sizes, variants, FusedGeometry, compile_op) -> list[dict]:
     copy_bps = copy_bandwidth(device, 256 << 20)
     print(f"{group_name}: copy bandwidth {copy_bps / 1e9:.0f} GB/s on {torch.cuda.get_device_name(device)}")
     gen = torch.Generator(device=device).manual_seed(0)
     records = []
-    print(f"{'op':<22} {'size':<14} {'warps':>7} {'regs':>5} {'device time':>12} {'% of copy':>10}")
+    print(f"{'op':<22} {'size':<14} {'warps':>7} {'chunks':>16} {'regs':>5} {'device time':>12} {'% of copy':>10}")
     for batch, points in sizes:
         x = torch.randn(batch, points, group.point_dim, generator=gen, device=device)
         v = torch.randn_like(x)
         z = torch.randn_like(x)
         s = torch.full((batch,), 0.1, device=device)
         floats = batch * points * group.point_dim * 4
-        for w in warps:
-            geom = FusedGeometry(group, path="triton", num_warps=w)
+        for w, chunks in variants:
+            geom = FusedGeometry(group, path="triton", num_warps=w, chunks=chunks)
             ops = {
                 "projection": (1, lambda: geom.horizontal_projection(v, x), 3 * floats),
                 "projection+curvature": (3, lambda: geom.projection_and_curvature(v, x), 4 * floats),
@@ -62,15 +68,20 @@ def _sweep_group(device, group, group_name, sizes, warps, FusedGeometry, compile
                     regs = compile_op(geom, mode, points=points, batch=batch, masked=False, arch=90).registers
                 except Exception:  # the register report is a convenience
                     regs = -1
-                used = geom.plan(mode, x, v if mode != 2 else None, z if mode == 4 else None,
-                                 a=s if mode == 4 else None).num_warps
+                plan = geom.plan(mode, x, v if mode != 2 else None, z if mode == 4 else None,
+                                 a=s if mode == 4 else None)
+                used, used_chunks = plan.num_warps, plan.constexprs["CHUNKS"]
+                default = w is None and chunks is None
                 rec = {"group": group_name, "op": name, "batch": batch, "points": points, "num_warps": used,
-                       "default": w is None, "registers": regs, "device_s": t, "copy_fraction": nbytes / t / copy_bps if t else None}
+                       "chunks": used_chunks, "default": default, "registers": regs, "device_s": t,
+                       "copy_fraction": nbytes / t / copy_bps if t else None}
                 records.append(rec)
-                label = f"{used}{' (default)' if w is None else ''}"
+                label = f"{used}{' (default)' if default else ''}"
+                chunk_label = f"{used_chunks}{' (previous)' if chunks == 1 else ''}"
                 frac = f"{100 * rec['copy_fraction']:.1f}%" if t else "n/a"
                 dev = f"{t * 1e6:.1f} us" if t else "n/a"
-                print(f"{name:<22} {f'{batch}x{points}':<14} {label:>7} {regs:>5} {dev:>12} {frac:>10}", flush=True)
+                print(f"{name:<22} {f'{batch}x{points}':<14} {label:>7} {chunk_label:>16} {regs:>5} {dev:>12} {frac:>10}",
+                      flush=True)
     return records
 
 

@@ -8,7 +8,10 @@ say, sm_90 (H100 / H200) on a laptop, and the cubin's resource usage read back:
 * that every mode / dtype / layout compiles at all (Triton's typing and lowering, which the CPU
   emulator and Triton's interpreter do not exercise);
 * registers per thread and bytes of stack (register spills to local memory, fatal for a
-  memory-bound kernel), and from them the number of warps that fit on one SM (occupancy).
+  memory-bound kernel), and from them the number of warps that fit on one SM (occupancy);
+* the SASS instructions, and among them the warp shuffles (:func:`sass_counts`): for a kernel
+  that should be memory-bound, whether its instruction issue fits in the time of its memory
+  traffic.
 
 The argument list and specialisation come from :meth:`FusedGeometry.plan` on ``meta`` tensors of
 the real shapes, so what is compiled is what would run. No runtime argument is specialised (no
@@ -32,7 +35,7 @@ import torch
 from . import FusedGeometry, _triton, triton_available, triton_error
 
 __all__ = ["CompileReport", "compile_plan", "compile_op", "representative_ops", "occupancy", "format_reports",
-           "MODES"]
+           "sass_counts", "MODES"]
 
 MODES = {0: "center", 1: "projection", 2: "curvature", 3: "projection+curvature", 4: "lifted update", 5: "euler update"}
 
@@ -59,6 +62,9 @@ class CompileReport:
     local_bytes: int
     shared_bytes: int
     seconds: float
+    chunks: int = 1
+    instructions: int = 0  # SASS instructions of the kernel (straight-line for one tile: ~ per thread)
+    shuffles: int = 0  # of which warp shuffles (SHFL: the cross-lane part of per-configuration sums)
 
     @property
     def spills(self) -> bool:
@@ -110,9 +116,27 @@ def _resource_usage(cubin: bytes) -> dict:
     return {"registers": reg, "stack_bytes": stack, "shared_bytes": shared, "local_bytes": local}
 
 
+def sass_counts(cubin: bytes) -> dict:
+    """SASS instructions of a cubin, in total and by kind (``cuobjdump -sass``): ``instructions``,
+    ``shuffles`` (SHFL), ``barriers`` (BAR), ``global_loads`` (LDG), ``global_stores`` (STG)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    opcodes = []
+    for line in text.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            opcodes.append(m.group(1))
+    return {"instructions": len(opcodes), "shuffles": opcodes.count("SHFL"), "barriers": opcodes.count("BAR"),
+            "global_loads": opcodes.count("LDG"), "global_stores": opcodes.count("STG")}
+
+
 def compile_plan(geom: FusedGeometry, plan, *, arch: int = 90) -> tuple[object, dict]:
     """Compile ``plan`` (from :meth:`FusedGeometry.plan`) for ``sm_<arch>``; returns the compiled
-    kernel and its resource usage."""
+    kernel and its resource usage (with :func:`sass_counts`)."""
     if not triton_available():
         raise RuntimeError(f"compiling ahead of time needs Triton ({triton_error()})")
     triton, tl = _triton()
@@ -131,7 +155,10 @@ def compile_plan(geom: FusedGeometry, plan, *, arch: int = 90) -> tuple[object, 
     # FMA contraction on, as at launch (Triton's default; stated so that Triton >= 3.9 does not warn)
     options = {"num_warps": plan.num_warps, "enable_fp_fusion": True}
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    return kernel, _resource_usage(kernel.asm["cubin"])
+    usage = _resource_usage(kernel.asm["cubin"])
+    counts = sass_counts(kernel.asm["cubin"])
+    usage.update(instructions=counts["instructions"], shuffles=counts["shuffles"])
+    return kernel, usage
 
 
 def compile_op(geom: FusedGeometry, mode: int, *, points: int = 29, batch: int = 65536, dtype=torch.float32,
@@ -164,6 +191,7 @@ def compile_op(geom: FusedGeometry, mode: int, *, points: int = 29, batch: int =
     layout = "packed" if packed else ("masked" if masked else "dense")
     return CompileReport(kernel=geom.kernels.name, mode=mode, dtype=str(dtype).replace("torch.", ""), layout=layout,
                          points=points, block_b=plan.constexprs["BLOCK_B"], block_n=plan.constexprs["BLOCK_N"],
+                         chunks=plan.constexprs["CHUNKS"],
                          num_warps=plan.num_warps, arch=arch, seconds=time.perf_counter() - start, **usage)
 
 
@@ -179,12 +207,13 @@ def representative_ops(full: bool = False) -> list[dict]:
 
 
 def format_reports(reports: list[CompileReport]) -> str:
-    lines = [f"{'kernel':<22} {'op':<21} {'dtype':<8} {'layout':<7} {'N':>5} {'tile':>9} {'warps':>5} "
-             f"{'regs':>5} {'stack B':>8} {'occupancy':>9} {'compile':>8}"]
+    lines = [f"{'kernel':<22} {'op':<21} {'dtype':<8} {'layout':<7} {'N':>5} {'tile':>9} {'chunks':>6} {'warps':>5} "
+             f"{'regs':>5} {'stack B':>8} {'occupancy':>9} {'SASS':>6} {'SHFL':>5} {'compile':>8}"]
     for r in reports:
         lines.append(f"{r.kernel[:22]:<22} {MODES[r.mode]:<21} {r.dtype:<8} {r.layout:<7} {r.points:>5} "
-                     f"{f'{r.block_b}x{r.block_n}':>9} {r.num_warps:>5} {r.registers:>5} {r.stack_bytes + r.local_bytes:>8} "
-                     f"{100 * r.occupancy:>8.0f}% {r.seconds:>7.1f}s" + ("  SPILLS" if r.spills else ""))
+                     f"{f'{r.block_b}x{r.block_n}':>9} {r.chunks:>6} {r.num_warps:>5} {r.registers:>5} "
+                     f"{r.stack_bytes + r.local_bytes:>8} {100 * r.occupancy:>8.0f}% {r.instructions:>6} {r.shuffles:>5} "
+                     f"{r.seconds:>7.1f}s" + ("  SPILLS" if r.spills else ""))
     return "\n".join(lines)
 
 

@@ -126,7 +126,7 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
         "    consts_ptr, B, N,\n"
         "    MODE: tl.constexpr, CENTER: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,\n"
         "    ONE_TILE: tl.constexpr, TAME: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,\n"
-        "    DTYPE: tl.constexpr,\n"
+        "    CHUNKS: tl.constexpr, DTYPE: tl.constexpr,\n"
         "):"
     )
     c("pid = tl.program_id(0)")
@@ -166,9 +166,12 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
     c.dedent()
 
     def tile(n0: str):
-        c(f"cols = {n0} + tl.arange(0, BLOCK_N)")
-        c("pt_ok = cols[None, :] < length[:, None]")
-        c("pidx = start[:, None] + cols[None, :]")
+        # (CHUNKS, BLOCK_B, BLOCK_N // CHUNKS): a thread holds CHUNKS points of one configuration
+        # (see qmanifold.kernels.se3_triton._tile)
+        c(f"cols = {n0} + tl.arange(0, CHUNKS)[:, None, None] * (BLOCK_N // CHUNKS) + "
+          "tl.arange(0, BLOCK_N // CHUNKS)[None, None, :]")
+        c("pt_ok = cols < length[None, :, None]")
+        c("pidx = start[None, :, None] + cols")
         c("if HAS_MASK:")
         c.indent()
         c("real = pt_ok & (tl.load(mask_ptr + pidx, mask=pt_ok, other=0) != 0)")
@@ -188,19 +191,19 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
         c.indent()
         load("z", "z_ptr")
         for i in dr:
-            c(f"u{i} = ca[:, None] * u{i} + cs[:, None] * z{i}")
+            c(f"u{i} = ca[None, :, None] * u{i} + cs[None, :, None] * z{i}")
         c.dedent()
         c("if MODE == 5:")
         c.indent()
         for i in dr:
-            c(f"u{i} = ca[:, None] * u{i}")
+            c(f"u{i} = ca[None, :, None] * u{i}")
         c.dedent()
 
     def centre(src: str, dst: str, mean: str):
         c("if CENTER:")
         c.indent()
         for i in dr:
-            c(f"{dst}{i} = tl.where(real, {src}{i} - {mean}{i}[:, None], 0.0)")
+            c(f"{dst}{i} = tl.where(real, {src}{i} - {mean}{i}[None, :, None], 0.0)")
         c.dedent()
         c("else:")
         c.indent()
@@ -218,12 +221,12 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
     def moments(accumulate: bool):
         for i, j in s_needed:
             acc = f"S_{i}_{j} + " if accumulate else ""
-            c(f"S_{i}_{j} = {acc}tl.sum(xc{i} * xc{j}, axis=1)")
+            c(f"S_{i}_{j} = {acc}tl.sum(tl.sum(xc{i} * xc{j}, axis=0), axis=1)")
 
     def momenta(accumulate: bool):
         for i, j in v_needed:
             acc = f"V_{i}_{j} + " if accumulate else ""
-            c(f"V_{i}_{j} = {acc}tl.sum(uc{i} * xc{j}, axis=1)")
+            c(f"V_{i}_{j} = {acc}tl.sum(tl.sum(uc{i} * xc{j}, axis=0), axis=1)")
 
     def outputs():
         c("if MODE == 0:")
@@ -234,13 +237,13 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
         c("if MODE != 0 and MODE != 2:")
         c.indent()
         for i in dr:
-            terms = [(1.0, f"Bm_{i}_{j}[:, None] * xc{j}") for j in dr if bmat_nonzero[i][j]]
+            terms = [(1.0, f"Bm_{i}_{j}[None, :, None] * xc{j}") for j in dr if bmat_nonzero[i][j]]
             c(f"p{i} = uc{i} - (" + _lincomb(terms) + ")" if terms else f"p{i} = uc{i}")
         c.dedent()
         c("if MODE >= 2 and MODE <= 4:")
         c.indent()
         for i in dr:
-            terms = [(1.0, f"M_{min(i, j)}_{max(i, j)}[:, None] * xc{j}") for j in dr if (i, j) in m_support]
+            terms = [(1.0, f"M_{min(i, j)}_{max(i, j)}[None, :, None] * xc{j}") for j in dr if (i, j) in m_support]
             c(f"h{i} = -(" + _lincomb(terms) + ")" if terms else f"h{i} = 0.0 * xc{i}")
         c.dedent()
         c("if MODE == 1:")
@@ -262,7 +265,7 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
         c("if MODE == 4:")
         c.indent()
         for i in dr:
-            c(f"tl.store(out_ptr + pidx * {d} + {i}, x{i} + p{i} + hc[:, None] * h{i}, mask=pt_ok)")
+            c(f"tl.store(out_ptr + pidx * {d} + {i}, x{i} + p{i} + hc[None, :, None] * h{i}, mask=pt_ok)")
         c.dedent()
         c("if MODE == 5:")
         c.indent()
@@ -290,16 +293,16 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
     c.dedent()
     c("if CENTER:")
     c.indent()
-    c("cnt = tl.maximum(tl.sum(real.to(DTYPE), axis=1), 1.0)")
+    c("cnt = tl.maximum(tl.sum(tl.sum(real.to(DTYPE), axis=0), axis=1), 1.0)")
     c("if MODE != 0:")
     c.indent()
     for i in dr:
-        c(f"mx{i} = tl.sum(x{i}, axis=1) / cnt")
+        c(f"mx{i} = tl.sum(tl.sum(x{i}, axis=0), axis=1) / cnt")
     c.dedent()
     c("if MODE != 2:")
     c.indent()
     for i in dr:
-        c(f"mu{i} = tl.sum(u{i}, axis=1) / cnt")
+        c(f"mu{i} = tl.sum(tl.sum(u{i}, axis=0), axis=1) / cnt")
     c.dedent()
     c.dedent()
     c.dedent()
@@ -312,18 +315,18 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
     c("for n0 in range(0, n_max, BLOCK_N):")
     c.indent()
     tile("n0")
-    c("cnt = cnt + tl.sum(real.to(DTYPE), axis=1)")
+    c("cnt = cnt + tl.sum(tl.sum(real.to(DTYPE), axis=0), axis=1)")
     c("if MODE != 0:")
     c.indent()
     load("x", "x_ptr")
     for i in dr:
-        c(f"mx{i} = mx{i} + tl.sum(x{i}, axis=1)")
+        c(f"mx{i} = mx{i} + tl.sum(tl.sum(x{i}, axis=0), axis=1)")
     c.dedent()
     c("if MODE != 2:")
     c.indent()
     load_u()
     for i in dr:
-        c(f"mu{i} = mu{i} + tl.sum(u{i}, axis=1)")
+        c(f"mu{i} = mu{i} + tl.sum(tl.sum(u{i}, axis=0), axis=1)")
     c.dedent()
     c.dedent()
     c("cnt = tl.maximum(cnt, 1.0)")

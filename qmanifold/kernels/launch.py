@@ -103,7 +103,7 @@ class DirectLauncher:
         wide = a[16] > INT32_MAX or a[17] > INT32_MAX
         return (a[0].dtype, a[1].dtype, a[2].dtype, a[3].dtype, a[4].dtype, a[7].dtype, a[15].dtype, wide,
                 c["MODE"], c["CENTER"], c["HAS_MASK"], c["PACKED"], c["ONE_TILE"], c["TAME"], c["BLOCK_B"],
-                c["BLOCK_N"], plan.dtype, plan.num_warps, device_index)
+                c["BLOCK_N"], c["CHUNKS"], plan.dtype, plan.num_warps, device_index)
 
     def launch(self, plan, dtype_tl) -> None:
         """Launch ``plan`` on the current CUDA device: directly when its specialisation was compiled

@@ -19,7 +19,8 @@ with per-configuration scalars ``a, s, c, lim`` (``a = dt``, ``s = sigma sqrt(dt
 
 Layouts: padded ``(B, N, 3)`` with an optional mask ``(B, N)`` (``PACKED=False``) or packed
 ``(P, 3)`` with segment offsets ``(B+1,)`` (``PACKED=True``). A program handles ``BLOCK_B``
-configurations as a ``(BLOCK_B, BLOCK_N)`` tile of points, the three coordinates as three tiles
+configurations as a ``(CHUNKS, BLOCK_B, BLOCK_N / CHUNKS)`` tile of points (see :func:`_tile`: each
+thread holds ``CHUNKS`` points of one configuration), the three coordinates as three tiles
 (stride-3 loads of the same cache lines). With ``ONE_TILE`` (every configuration fits in
 ``BLOCK_N`` points) the data is read once into registers and everything -- masked centring, the
 six second moments and the angular momentum, the regularised inertia tensor, its adjugate inverse,
@@ -45,16 +46,31 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 __all__ = ["KERNEL_FUNCTIONS", "se3_kernel"]
 
 
-def _tile(mask_ptr, start, length, n0, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Point indices ``(BLOCK_B, BLOCK_N)`` of a chunk, in-range flags and real-point flags."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    pt_ok = cols[None, :] < length[:, None]
-    pidx = start[:, None] + cols[None, :]
+def _tile(mask_ptr, start, length, n0, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """Point indices ``(CHUNKS, BLOCK_B, BLOCK_N // CHUNKS)`` of a chunk of ``BLOCK_N`` points per
+    configuration, in-range flags and real-point flags.
+
+    Point ``n0 + c L + l`` (``L = BLOCK_N // CHUNKS``) of configuration ``b`` sits at ``[c, b, l]``.
+    Triton spreads the lanes of a warp over the last two axes and repeats the first one inside each
+    thread, so a thread holds ``CHUNKS`` points of *one* configuration: a per-configuration sum
+    (:func:`_rsum`) adds ``CHUNKS`` values in registers and then shuffles across ``L`` lanes only,
+    and the per-configuration 3 x 3 algebra runs once per thread instead of once per held row.
+    """
+    cols = (n0 + tl.arange(0, CHUNKS)[:, None, None] * (BLOCK_N // CHUNKS)
+            + tl.arange(0, BLOCK_N // CHUNKS)[None, None, :])
+    pt_ok = cols < length[None, :, None]
+    pidx = start[None, :, None] + cols
     if HAS_MASK:
         real = pt_ok & (tl.load(mask_ptr + pidx, mask=pt_ok, other=0) != 0)
     else:
         real = pt_ok
     return pidx, pt_ok, real
+
+
+def _rsum(a):
+    """Per-configuration sum of a tile ``(CHUNKS, BLOCK_B, L)`` -> ``(BLOCK_B,)``: first the
+    in-thread axis, then across lanes."""
+    return tl.sum(tl.sum(a, axis=0), axis=1)
 
 
 def _load3(ptr, pidx, real):
@@ -94,7 +110,7 @@ def _inv_sym3(a, b, c, d, e, f, tiny):
 
 def _centre(a, mean, real, CENTER: tl.constexpr):
     if CENTER:
-        out = tl.where(real, a - mean[:, None], 0.0)
+        out = tl.where(real, a - mean[None, :, None], 0.0)
     else:
         out = a
     return out
@@ -105,28 +121,28 @@ def _combine(u_ptr, z_ptr, pidx, real, ca, cs, MODE: tl.constexpr):
     u0, u1, u2 = _load3(u_ptr, pidx, real)
     if MODE == 4:
         z0, z1, z2 = _load3(z_ptr, pidx, real)
-        u0 = ca[:, None] * u0 + cs[:, None] * z0
-        u1 = ca[:, None] * u1 + cs[:, None] * z1
-        u2 = ca[:, None] * u2 + cs[:, None] * z2
+        u0 = ca[None, :, None] * u0 + cs[None, :, None] * z0
+        u1 = ca[None, :, None] * u1 + cs[None, :, None] * z1
+        u2 = ca[None, :, None] * u2 + cs[None, :, None] * z2
     if MODE == 5:
-        u0 = ca[:, None] * u0
-        u1 = ca[:, None] * u1
-        u2 = ca[:, None] * u2
+        u0 = ca[None, :, None] * u0
+        u1 = ca[None, :, None] * u1
+        u2 = ca[None, :, None] * u2
     return u0, u1, u2
 
 
 def _emit(out_ptr, out2_ptr, pidx, pt_ok, x0, x1, x2, xc0, xc1, xc2, uc0, uc1, uc2,
           o0, o1, o2, m00, m01, m02, m11, m12, m22, hc, MODE: tl.constexpr):
     """Compute and store the outputs of one tile (zeros at padded points)."""
-    o0 = o0[:, None]
-    o1 = o1[:, None]
-    o2 = o2[:, None]
-    m00 = m00[:, None]
-    m01 = m01[:, None]
-    m02 = m02[:, None]
-    m11 = m11[:, None]
-    m12 = m12[:, None]
-    m22 = m22[:, None]
+    o0 = o0[None, :, None]
+    o1 = o1[None, :, None]
+    o2 = o2[None, :, None]
+    m00 = m00[None, :, None]
+    m01 = m01[None, :, None]
+    m02 = m02[None, :, None]
+    m11 = m11[None, :, None]
+    m12 = m12[None, :, None]
+    m22 = m22[None, :, None]
     if MODE == 0:
         _store3(out_ptr, pidx, pt_ok, uc0, uc1, uc2)
     if MODE != 0 and MODE != 2:
@@ -147,8 +163,8 @@ def _emit(out_ptr, out2_ptr, pidx, pt_ok, x0, x1, x2, xc0, xc1, xc2, uc0, uc1, u
         _store3(out2_ptr, pidx, pt_ok, h0, h1, h2)
     if MODE == 4:
         # x is zero at padded points (masked loads), and so are P and h
-        _store3(out_ptr, pidx, pt_ok, x0 + p0 + hc[:, None] * h0, x1 + p1 + hc[:, None] * h1,
-                x2 + p2 + hc[:, None] * h2)
+        _store3(out_ptr, pidx, pt_ok, x0 + p0 + hc[None, :, None] * h0, x1 + p1 + hc[None, :, None] * h1,
+                x2 + p2 + hc[None, :, None] * h2)
     if MODE == 5:
         _store3(out_ptr, pidx, pt_ok, x0 + p0, x1 + p1, x2 + p2)
 
@@ -159,7 +175,7 @@ def _se3_kernel(
     consts_ptr, B, N,
     MODE: tl.constexpr, CENTER: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     ONE_TILE: tl.constexpr, TAME: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    DTYPE: tl.constexpr,
+    CHUNKS: tl.constexpr, DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -195,21 +211,21 @@ def _se3_kernel(
     mu1 = zero
     mu2 = zero
     if ONE_TILE:
-        pidx, pt_ok, real = _tile(mask_ptr, start, length, 0, HAS_MASK, BLOCK_N)
+        pidx, pt_ok, real = _tile(mask_ptr, start, length, 0, HAS_MASK, BLOCK_N, CHUNKS)
         if MODE != 0:
             x0, x1, x2 = _load3(x_ptr, pidx, real)
         if MODE != 2:
             u0, u1, u2 = _combine(u_ptr, z_ptr, pidx, real, ca, cs, MODE)
         if CENTER:
-            cnt = tl.maximum(tl.sum(real.to(DTYPE), axis=1), 1.0)
+            cnt = tl.maximum(_rsum(real.to(DTYPE)), 1.0)
             if MODE != 0:
-                mx0 = tl.sum(x0, axis=1) / cnt
-                mx1 = tl.sum(x1, axis=1) / cnt
-                mx2 = tl.sum(x2, axis=1) / cnt
+                mx0 = _rsum(x0) / cnt
+                mx1 = _rsum(x1) / cnt
+                mx2 = _rsum(x2) / cnt
             if MODE != 2:
-                mu0 = tl.sum(u0, axis=1) / cnt
-                mu1 = tl.sum(u1, axis=1) / cnt
-                mu2 = tl.sum(u2, axis=1) / cnt
+                mu0 = _rsum(u0) / cnt
+                mu1 = _rsum(u1) / cnt
+                mu2 = _rsum(u2) / cnt
     else:
         if CENTER:
             n_max = N
@@ -217,18 +233,18 @@ def _se3_kernel(
                 n_max = tl.max(length, axis=0).to(tl.int32)
             cnt = zero
             for n0 in range(0, n_max, BLOCK_N):
-                pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N)
-                cnt = cnt + tl.sum(real.to(DTYPE), axis=1)
+                pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N, CHUNKS)
+                cnt = cnt + _rsum(real.to(DTYPE))
                 if MODE != 0:
                     x0, x1, x2 = _load3(x_ptr, pidx, real)
-                    mx0 = mx0 + tl.sum(x0, axis=1)
-                    mx1 = mx1 + tl.sum(x1, axis=1)
-                    mx2 = mx2 + tl.sum(x2, axis=1)
+                    mx0 = mx0 + _rsum(x0)
+                    mx1 = mx1 + _rsum(x1)
+                    mx2 = mx2 + _rsum(x2)
                 if MODE != 2:
                     u0, u1, u2 = _combine(u_ptr, z_ptr, pidx, real, ca, cs, MODE)
-                    mu0 = mu0 + tl.sum(u0, axis=1)
-                    mu1 = mu1 + tl.sum(u1, axis=1)
-                    mu2 = mu2 + tl.sum(u2, axis=1)
+                    mu0 = mu0 + _rsum(u0)
+                    mu1 = mu1 + _rsum(u1)
+                    mu2 = mu2 + _rsum(u2)
             cnt = tl.maximum(cnt, 1.0)
             mx0 = mx0 / cnt
             mx1 = mx1 / cnt
@@ -252,45 +268,45 @@ def _se3_kernel(
             xc0 = _centre(x0, mx0, real, CENTER)
             xc1 = _centre(x1, mx1, real, CENTER)
             xc2 = _centre(x2, mx2, real, CENTER)
-            s00 = tl.sum(xc0 * xc0, axis=1)
-            s01 = tl.sum(xc0 * xc1, axis=1)
-            s02 = tl.sum(xc0 * xc2, axis=1)
-            s11 = tl.sum(xc1 * xc1, axis=1)
-            s12 = tl.sum(xc1 * xc2, axis=1)
-            s22 = tl.sum(xc2 * xc2, axis=1)
+            s00 = _rsum(xc0 * xc0)
+            s01 = _rsum(xc0 * xc1)
+            s02 = _rsum(xc0 * xc2)
+            s11 = _rsum(xc1 * xc1)
+            s12 = _rsum(xc1 * xc2)
+            s22 = _rsum(xc2 * xc2)
         if MODE != 2:
             uc0 = _centre(u0, mu0, real, CENTER)
             uc1 = _centre(u1, mu1, real, CENTER)
             uc2 = _centre(u2, mu2, real, CENTER)
             if MODE != 0:
-                j0 = tl.sum(xc1 * uc2 - xc2 * uc1, axis=1)
-                j1 = tl.sum(xc2 * uc0 - xc0 * uc2, axis=1)
-                j2 = tl.sum(xc0 * uc1 - xc1 * uc0, axis=1)
+                j0 = _rsum(xc1 * uc2 - xc2 * uc1)
+                j1 = _rsum(xc2 * uc0 - xc0 * uc2)
+                j2 = _rsum(xc0 * uc1 - xc1 * uc0)
     else:
         if MODE != 0:
             n_max = N
             if PACKED:
                 n_max = tl.max(length, axis=0).to(tl.int32)
             for n0 in range(0, n_max, BLOCK_N):
-                pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N)
+                pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N, CHUNKS)
                 x0, x1, x2 = _load3(x_ptr, pidx, real)
                 xc0 = _centre(x0, mx0, real, CENTER)
                 xc1 = _centre(x1, mx1, real, CENTER)
                 xc2 = _centre(x2, mx2, real, CENTER)
-                s00 = s00 + tl.sum(xc0 * xc0, axis=1)
-                s01 = s01 + tl.sum(xc0 * xc1, axis=1)
-                s02 = s02 + tl.sum(xc0 * xc2, axis=1)
-                s11 = s11 + tl.sum(xc1 * xc1, axis=1)
-                s12 = s12 + tl.sum(xc1 * xc2, axis=1)
-                s22 = s22 + tl.sum(xc2 * xc2, axis=1)
+                s00 = s00 + _rsum(xc0 * xc0)
+                s01 = s01 + _rsum(xc0 * xc1)
+                s02 = s02 + _rsum(xc0 * xc2)
+                s11 = s11 + _rsum(xc1 * xc1)
+                s12 = s12 + _rsum(xc1 * xc2)
+                s22 = s22 + _rsum(xc2 * xc2)
                 if MODE != 2:
                     u0, u1, u2 = _combine(u_ptr, z_ptr, pidx, real, ca, cs, MODE)
                     uc0 = _centre(u0, mu0, real, CENTER)
                     uc1 = _centre(u1, mu1, real, CENTER)
                     uc2 = _centre(u2, mu2, real, CENTER)
-                    j0 = j0 + tl.sum(xc1 * uc2 - xc2 * uc1, axis=1)
-                    j1 = j1 + tl.sum(xc2 * uc0 - xc0 * uc2, axis=1)
-                    j2 = j2 + tl.sum(xc0 * uc1 - xc1 * uc0, axis=1)
+                    j0 = j0 + _rsum(xc1 * uc2 - xc2 * uc1)
+                    j1 = j1 + _rsum(xc2 * uc0 - xc0 * uc2)
+                    j2 = j2 + _rsum(xc0 * uc1 - xc1 * uc0)
 
     # ---- the 3 x 3 algebra, per configuration ------------------------------------------------
     # inertia tensor K = tr(S) I - S, regularised: K + (c tr(K)/3 + floor) I
@@ -351,7 +367,7 @@ def _se3_kernel(
         if PACKED:
             n_max = tl.max(length, axis=0).to(tl.int32)
         for n0 in range(0, n_max, BLOCK_N):
-            pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N)
+            pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N, CHUNKS)
             if MODE != 0:
                 x0, x1, x2 = _load3(x_ptr, pidx, real)
                 xc0 = _centre(x0, mx0, real, CENTER)
@@ -380,6 +396,7 @@ def _se3_kernel(
 #: The plain functions of this kernel, by name (jit-compiled or emulated by qmanifold.kernels).
 KERNEL_FUNCTIONS = {
     "_tile": _tile,
+    "_rsum": _rsum,
     "_load3": _load3,
     "_store3": _store3,
     "_inv_sym3": _inv_sym3,

@@ -169,6 +169,57 @@ def test_streaming_variant_matches_one_tile(path_device, dtype, name, monkeypatc
 
 @pytest.mark.parametrize(
     "path_device, dtype, name",
+    cases([(n, dt) for n in ("SE3", "SE3-generic", "SO4", "T2") for dt in (F32, F64)], [("SE3", F32)]),
+)
+def test_every_tile_layout_matches_oracle(path_device, dtype, name, monkeypatch):
+    """The tile ``(CHUNKS, BLOCK_B, BLOCK_N / CHUNKS)``: each thread's points belong to one
+    configuration (the default ``CHUNKS``), or one point of several (``CHUNKS = 1``, the previous
+    layout), or anything between -- padded with a mask, packed, and streamed: same results.
+    (The small batches of the other tests give ``CHUNKS = 1``; 40 configurations of 7 points give
+    a default ``CHUNKS`` > 1 in float32: 4 for SE(3).)"""
+    path, device = path_device
+    group = GROUPS[name.replace("-generic", "")]
+    ref = oracle(group)
+    x, v, z, mask = data(group, (40,), 7, dtype, device)
+    t = tol(dtype)
+    sizes = torch.tensor([7, 3, 5, 7] * 10)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(device)
+    keep = torch.arange(7)[None, :] < sizes[:, None]
+    xp, vp, zp = x[keep.to(device)], v[keep.to(device)], z[keep.to(device)]
+    s = torch.full((40,), 0.1, dtype=dtype, device=device)
+    expected = {
+        "projection": ref.horizontal_projection(v, x, mask),
+        "projection+curvature": torch.cat(ref.projection_and_curvature(v, x, mask), -1),
+        "update": ref.lifted_update(x, v, z, 0.05, s, -0.2, mask, tame_limit=0.05 * s),
+        "packed": ref.horizontal_projection(vp, xp, offsets=offsets),
+    }
+    for chunks in (None, 1, 2, 8):
+        geom = FusedGeometry(group, path=path, generated=name.endswith("generic"), chunks=chunks)
+        if chunks is None and dtype == F32:  # several points of one configuration per thread (SE(3): 4)
+            default = geom.plan(3, x, v, mask=mask).constexprs["CHUNKS"]
+            assert default > 1 and (default == 4 or name != "SE3"), default
+        got = {
+            "projection": geom.horizontal_projection(v, x, mask),
+            "projection+curvature": torch.cat(geom.projection_and_curvature(v, x, mask), -1),
+            "update": geom.lifted_update(x, v, z, 0.05, s, -0.2, mask, tame_limit=0.05 * s),
+            "packed": geom.horizontal_projection(vp, xp, offsets=offsets, max_size=7),
+        }
+        for key, value in got.items():
+            torch.testing.assert_close(value, expected[key], **t, msg=lambda m, key=key: f"chunks={chunks} {key}: {m}")
+    # streaming (configurations above the tile), chunked
+    monkeypatch.setattr(K, "MAX_TILE_POINTS", 4)
+    monkeypatch.setattr(K, "STREAM_CHUNK_POINTS", 4)
+    geom = FusedGeometry(group, path=path, generated=name.endswith("generic"), chunks=2)
+    assert geom.plan(1, x, v, mask=mask).constexprs["CHUNKS"] == 2
+    torch.testing.assert_close(geom.horizontal_projection(v, x, mask), expected["projection"], **t)
+    torch.testing.assert_close(geom.lifted_update(x, v, z, 0.05, s, -0.2, mask, tame_limit=0.05 * s),
+                               expected["update"], **t)
+    with pytest.raises(ValueError, match="chunks"):
+        FusedGeometry(group, chunks=3)
+
+
+@pytest.mark.parametrize(
+    "path_device, dtype, name",
     cases([(n, dt) for n in ("SE3", "SO3", "SE3-generic") for dt in (F32, F64)],
           [("SE3", F32), ("SE3", F64), ("SE3-generic", F32)]),
 )

@@ -68,10 +68,30 @@ def test_compiles_for_a100_and_plan_matches_launch():
     # the plan compiled is the launch's plan: same tile and warps as _config chooses
     block_b, block_n, warps = K._config(29, 1000, torch.float32, True, geom._register_weight)
     assert (report.block_b, report.block_n, report.num_warps) == (block_b, block_n, warps)
+    assert report.chunks == K._chunks(block_b, block_n, warps)
     fixed = FusedGeometry(groups.SE3, num_warps=4)
     assert aot().compile_op(fixed, 1, points=29, arch=90).num_warps == 4
     with pytest.raises(ValueError, match="num_warps"):
         FusedGeometry(groups.SE3, num_warps=3)
+
+
+@pytest.mark.parametrize("name, group, points, batch", [
+    ("SE3", groups.SE3, 29, 65536), ("SE3", groups.SE3, 256, 4096), ("T2", groups.Torus(2), 29, 65536),
+])
+def test_per_configuration_layout_needs_fewer_instructions_than_the_previous_one(name, group, points, batch):
+    """The tile layout that gives each thread points of one configuration (``CHUNKS`` > 1, the
+    default) against the previous one (``CHUNKS = 1``: a thread holds one point of each of several
+    configurations). Counted in the compiled sm_90 code, for ``(P_x, h)``: the cross-lane shuffles
+    of the per-configuration sums drop by at least 2x and all instructions by at least 30 %, with
+    no more registers (measured: SE(3) at 29 points 1480 -> 616 instructions and 320 -> 48
+    shuffles; T^2, 2 points per thread, 424 -> 272 and 80 -> 32)."""
+    default = aot().compile_op(FusedGeometry(group), 3, points=points, batch=batch, arch=90)
+    previous = aot().compile_op(FusedGeometry(group, chunks=1), 3, points=points, batch=batch, arch=90)
+    assert default.chunks > 1 and previous.chunks == 1
+    assert (default.block_b, default.block_n, default.num_warps) == (previous.block_b, previous.block_n, previous.num_warps)
+    assert 2 * default.shuffles <= previous.shuffles, (default, previous)
+    assert 10 * default.instructions <= 7 * previous.instructions, (default, previous)
+    assert default.registers <= previous.registers and not default.spills, (default, previous)
 
 
 def test_occupancy_arithmetic():
