@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import threading
 import warnings
 
@@ -188,7 +189,8 @@ def _generic_kernel_set(group) -> _KernelSet:
     if ks is None:
         tl = _triton()[1] if triton_available() else emulate
         fn = generic_triton.load_kernel(source, tl)
-        ks = _KernelSet(f"generic:{group.name}", {"_generic_kernel": fn}, fn.__globals__, "_generic_kernel")
+        functions = {"_rsum": fn.__globals__["_rsum"], "_generic_kernel": fn}
+        ks = _KernelSet(f"generic:{group.name}", functions, fn.__globals__, "_generic_kernel")
         ks.source = source
         _GENERIC[key] = ks
     return ks
@@ -256,16 +258,32 @@ def _config(n: int, count: int, dtype, one_tile: bool, register_weight: float = 
     return block_b, block_n, num_warps
 
 
+@functools.lru_cache(maxsize=1)
+def _lane_axis_first() -> bool:
+    """Which end of a tile Triton fills with a warp's lanes, for the kernels' strided loads (where
+    no axis is contiguous): the first axis up to Triton 3.6, the last from 3.7 on. Found by
+    compiling a probe kernel for sm_90 with Triton 3.2, 3.3, 3.4, 3.5 and 3.6 (first) and 3.7, 3.8
+    and 3.9 (last); ``test_per_configuration_layout_needs_fewer_instructions_than_the_previous_one``
+    checks it for the installed Triton. The kernels put their lane axis there (see
+    :func:`qmanifold.kernels.se3_triton._tile`); put on the other end, the lanes would cover the
+    in-thread axis and the sums would need shuffles and shared memory."""
+    tt = _triton()
+    if not tt:
+        return False
+    version = tuple(int(part) for part in re.findall(r"\d+", tt[0].__version__)[:2])
+    return version < (3, 7)
+
+
 def _chunks(block_b: int, block_n: int, num_warps: int) -> int:
     """``CHUNKS``: the points of one configuration each thread holds (a power of two, between 1 and
     ``block_n``): all the points of the tile that fall to a thread, ``block_b block_n / threads``.
 
-    The tile is laid out ``(CHUNKS, block_b, block_n / CHUNKS)`` (see
-    :func:`qmanifold.kernels.se3_triton._tile`), so a per-configuration sum shuffles across
-    ``block_n / CHUNKS`` lanes instead of ``min(block_n, 32)``: for 29-point molecules (tile 32 x 32,
-    8 warps) 3 shuffle rounds for one configuration per thread instead of 5 rounds for each of 4,
-    and the per-configuration algebra runs once per thread instead of 4 times. ``CHUNKS = 1`` is
-    the previous layout.
+    The tile has a lane axis of ``block_n / CHUNKS`` points and an in-thread axis of ``CHUNKS``
+    points (see :func:`qmanifold.kernels.se3_triton._tile`), so a per-configuration sum shuffles
+    across ``block_n / CHUNKS`` lanes: for 29-point molecules (tile 32 x 32, 8 warps) 3 shuffle
+    rounds for the one configuration of a thread, where a tile with the lanes along all 32 points
+    (``CHUNKS = 1``) needs 5 rounds for each of the 4 configurations a thread then holds; and the
+    per-configuration algebra runs once per thread instead of 4 times.
     """
     return max(1, min(block_n, (block_b * block_n) // (32 * num_warps)))
 
@@ -451,7 +469,7 @@ class FusedGeometry:
         ]
         plan.constexprs = dict(MODE=mode, CENTER=self.translations, HAS_MASK=has_mask, PACKED=packed,
                                ONE_TILE=one_tile, TAME=lim is not None, BLOCK_B=block_b, BLOCK_N=block_n,
-                               CHUNKS=chunks)
+                               CHUNKS=chunks, LANE_AXIS_FIRST=_lane_axis_first())
         return plan
 
     def _launch(self, mode: int, x, u=None, z=None, mask=None, offsets=None, *, a=None, s=None, c=None,

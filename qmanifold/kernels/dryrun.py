@@ -104,6 +104,12 @@ def fake_cuda_driver(arch: int = 90, *, record_arguments: bool = True):
     from triton.runtime import driver as driver_config
     from triton.runtime.jit import JITFunction
 
+    from .launch import unsupported_reason
+
+    reason = unsupported_reason(_triton()[0])
+    if reason is not None:
+        raise RuntimeError(f"the fake CUDA driver needs Triton >= 3.5 ({reason})")
+
     from . import _GENERIC, _SE3
 
     recorder = Recorder(record_arguments=record_arguments)

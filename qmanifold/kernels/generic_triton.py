@@ -41,6 +41,18 @@ generators: {k}, point dimension: {d}
 '''
 
 
+#: the per-configuration sum over a tile's points (as qmanifold.kernels.se3_triton._rsum)
+_RSUM = '''
+def _rsum(a, LANE_AXIS_FIRST: tl.constexpr):
+    if LANE_AXIS_FIRST:
+        out = tl.sum(tl.sum(a, axis=2), axis=0)
+    else:
+        out = tl.sum(tl.sum(a, axis=0), axis=1)
+    return out
+
+'''
+
+
 def _term(coef: float, expr: str) -> str:
     if coef == 1.0:
         return f" + {expr}"
@@ -118,7 +130,7 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
         return f"S_{min(i, j)}_{max(i, j)}"
 
     c = _Code()
-    out = [_HEADER.format(name=name, k=k, d=d)]
+    out = [_HEADER.format(name=name, k=k, d=d), _RSUM]
     out.append(
         "def _generic_kernel(\n"
         "    x_ptr, u_ptr, z_ptr, mask_ptr, offs_ptr, out_ptr, out2_ptr,\n"
@@ -126,7 +138,7 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
         "    consts_ptr, B, N,\n"
         "    MODE: tl.constexpr, CENTER: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,\n"
         "    ONE_TILE: tl.constexpr, TAME: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,\n"
-        "    CHUNKS: tl.constexpr, DTYPE: tl.constexpr,\n"
+        "    CHUNKS: tl.constexpr, LANE_AXIS_FIRST: tl.constexpr, DTYPE: tl.constexpr,\n"
         "):"
     )
     c("pid = tl.program_id(0)")
@@ -166,10 +178,17 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
     c.dedent()
 
     def tile(n0: str):
-        # (CHUNKS, BLOCK_B, BLOCK_N // CHUNKS): a thread holds CHUNKS points of one configuration
-        # (see qmanifold.kernels.se3_triton._tile)
+        # a thread holds CHUNKS points of one configuration (see qmanifold.kernels.se3_triton._tile)
+        c("if LANE_AXIS_FIRST:")
+        c.indent()
+        c(f"cols = {n0} + tl.arange(0, BLOCK_N // CHUNKS)[:, None, None] + "
+          "tl.arange(0, CHUNKS)[None, None, :] * (BLOCK_N // CHUNKS)")
+        c.dedent()
+        c("else:")
+        c.indent()
         c(f"cols = {n0} + tl.arange(0, CHUNKS)[:, None, None] * (BLOCK_N // CHUNKS) + "
           "tl.arange(0, BLOCK_N // CHUNKS)[None, None, :]")
+        c.dedent()
         c("pt_ok = cols < length[None, :, None]")
         c("pidx = start[None, :, None] + cols")
         c("if HAS_MASK:")
@@ -221,12 +240,12 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
     def moments(accumulate: bool):
         for i, j in s_needed:
             acc = f"S_{i}_{j} + " if accumulate else ""
-            c(f"S_{i}_{j} = {acc}tl.sum(tl.sum(xc{i} * xc{j}, axis=0), axis=1)")
+            c(f"S_{i}_{j} = {acc}_rsum(xc{i} * xc{j}, LANE_AXIS_FIRST)")
 
     def momenta(accumulate: bool):
         for i, j in v_needed:
             acc = f"V_{i}_{j} + " if accumulate else ""
-            c(f"V_{i}_{j} = {acc}tl.sum(tl.sum(uc{i} * xc{j}, axis=0), axis=1)")
+            c(f"V_{i}_{j} = {acc}_rsum(uc{i} * xc{j}, LANE_AXIS_FIRST)")
 
     def outputs():
         c("if MODE == 0:")
@@ -293,16 +312,16 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
     c.dedent()
     c("if CENTER:")
     c.indent()
-    c("cnt = tl.maximum(tl.sum(tl.sum(real.to(DTYPE), axis=0), axis=1), 1.0)")
+    c("cnt = tl.maximum(_rsum(real.to(DTYPE), LANE_AXIS_FIRST), 1.0)")
     c("if MODE != 0:")
     c.indent()
     for i in dr:
-        c(f"mx{i} = tl.sum(tl.sum(x{i}, axis=0), axis=1) / cnt")
+        c(f"mx{i} = _rsum(x{i}, LANE_AXIS_FIRST) / cnt")
     c.dedent()
     c("if MODE != 2:")
     c.indent()
     for i in dr:
-        c(f"mu{i} = tl.sum(tl.sum(u{i}, axis=0), axis=1) / cnt")
+        c(f"mu{i} = _rsum(u{i}, LANE_AXIS_FIRST) / cnt")
     c.dedent()
     c.dedent()
     c.dedent()
@@ -315,18 +334,18 @@ def generate_source(generators: np.ndarray, gram_coeff: np.ndarray, momentum_coe
     c("for n0 in range(0, n_max, BLOCK_N):")
     c.indent()
     tile("n0")
-    c("cnt = cnt + tl.sum(tl.sum(real.to(DTYPE), axis=0), axis=1)")
+    c("cnt = cnt + _rsum(real.to(DTYPE), LANE_AXIS_FIRST)")
     c("if MODE != 0:")
     c.indent()
     load("x", "x_ptr")
     for i in dr:
-        c(f"mx{i} = mx{i} + tl.sum(tl.sum(x{i}, axis=0), axis=1)")
+        c(f"mx{i} = mx{i} + _rsum(x{i}, LANE_AXIS_FIRST)")
     c.dedent()
     c("if MODE != 2:")
     c.indent()
     load_u()
     for i in dr:
-        c(f"mu{i} = mu{i} + tl.sum(tl.sum(u{i}, axis=0), axis=1)")
+        c(f"mu{i} = mu{i} + _rsum(u{i}, LANE_AXIS_FIRST)")
     c.dedent()
     c.dedent()
     c("cnt = tl.maximum(cnt, 1.0)")
@@ -483,7 +502,8 @@ def _cache_dir() -> str | None:
 
 
 def load_kernel(source: str, tl_module):
-    """Execute generated ``source`` with ``tl`` = ``tl_module``; returns the plain kernel function.
+    """Execute generated ``source`` with ``tl`` = ``tl_module``; returns the plain kernel function
+    (its helper ``_rsum`` is in the function's globals).
 
     The source is written to a cache file (Triton's ``jit`` reads a function's source from its
     file), named by its hash, so that the same group reuses it across processes.

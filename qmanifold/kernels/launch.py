@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["INT32_MAX", "DirectLauncher", "direct_launch_enabled", "runtime_names"]
+__all__ = ["INT32_MAX", "DirectLauncher", "direct_launch_enabled", "runtime_names", "unsupported_reason"]
 
 INT32_MAX = 2**31 - 1
 
@@ -56,6 +56,19 @@ def runtime_names(fn) -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def unsupported_reason(triton) -> str | None:
+    """Why this Triton gets no direct launches, or None. Direct launches are made only with the
+    Triton versions whose dispatch ``tests/qmanifold/test_kernels_launch.py`` can check them against
+    (3.5 on: ``knobs.runtime`` for the launch hooks, ``JITFunction._do_compile`` for the fake
+    driver); with older ones every launch goes through Triton."""
+    from triton.runtime.jit import JITFunction
+
+    if getattr(getattr(triton, "knobs", None), "runtime", None) is None or not hasattr(JITFunction, "_do_compile"):
+        return (f"Triton {getattr(triton, '__version__', '?')} predates the dispatch the direct launch is tested "
+                "against (3.5): every launch goes through Triton")
+    return None
 
 
 def _hooks_clear(runtime) -> bool:
@@ -89,7 +102,8 @@ class DirectLauncher:
                                  for p in params[: self.runtime_count])
         #: whether direct launches are possible with this kernel and Triton, and wanted
         #: (``QMANIFOLD_DIRECT_LAUNCH`` is read once, when the kernel is first launched)
-        self.usable = self.ordered and self.unspecialised and direct_launch_enabled()
+        self.unsupported = unsupported_reason(triton)
+        self.usable = self.ordered and self.unspecialised and direct_launch_enabled() and self.unsupported is None
         self.compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, its constexpr values in order)
         self.direct_launches = 0
         self._driver = self._runtime = None
@@ -103,7 +117,7 @@ class DirectLauncher:
         wide = a[16] > INT32_MAX or a[17] > INT32_MAX
         return (a[0].dtype, a[1].dtype, a[2].dtype, a[3].dtype, a[4].dtype, a[7].dtype, a[15].dtype, wide,
                 c["MODE"], c["CENTER"], c["HAS_MASK"], c["PACKED"], c["ONE_TILE"], c["TAME"], c["BLOCK_B"],
-                c["BLOCK_N"], c["CHUNKS"], plan.dtype, plan.num_warps, device_index)
+                c["BLOCK_N"], c["CHUNKS"], c["LANE_AXIS_FIRST"], plan.dtype, plan.num_warps, device_index)
 
     def launch(self, plan, dtype_tl) -> None:
         """Launch ``plan`` on the current CUDA device: directly when its specialisation was compiled

@@ -19,8 +19,8 @@ with per-configuration scalars ``a, s, c, lim`` (``a = dt``, ``s = sigma sqrt(dt
 
 Layouts: padded ``(B, N, 3)`` with an optional mask ``(B, N)`` (``PACKED=False``) or packed
 ``(P, 3)`` with segment offsets ``(B+1,)`` (``PACKED=True``). A program handles ``BLOCK_B``
-configurations as a ``(CHUNKS, BLOCK_B, BLOCK_N / CHUNKS)`` tile of points (see :func:`_tile`: each
-thread holds ``CHUNKS`` points of one configuration), the three coordinates as three tiles
+configurations as a 3-D tile of points (see :func:`_tile`: each thread holds ``CHUNKS`` points of one
+configuration), the three coordinates as three tiles
 (stride-3 loads of the same cache lines). With ``ONE_TILE`` (every configuration fits in
 ``BLOCK_N`` points) the data is read once into registers and everything -- masked centring, the
 six second moments and the angular momentum, the regularised inertia tensor, its adjugate inverse,
@@ -46,18 +46,28 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 __all__ = ["KERNEL_FUNCTIONS", "se3_kernel"]
 
 
-def _tile(mask_ptr, start, length, n0, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
-    """Point indices ``(CHUNKS, BLOCK_B, BLOCK_N // CHUNKS)`` of a chunk of ``BLOCK_N`` points per
-    configuration, in-range flags and real-point flags.
+def _tile(mask_ptr, start, length, n0, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+          LANE_AXIS_FIRST: tl.constexpr):
+    """Point indices of a chunk of ``BLOCK_N`` points per configuration, in-range flags and
+    real-point flags, as a 3-D tile with a *lane* axis of ``L = BLOCK_N // CHUNKS`` points, the
+    ``BLOCK_B`` configurations, and an *in-thread* axis of ``CHUNKS`` points: point
+    ``n0 + c L + l`` of configuration ``b`` sits at ``[l, b, c]`` (``LANE_AXIS_FIRST``) or
+    ``[c, b, l]``.
 
-    Point ``n0 + c L + l`` (``L = BLOCK_N // CHUNKS``) of configuration ``b`` sits at ``[c, b, l]``.
-    Triton spreads the lanes of a warp over the last two axes and repeats the first one inside each
-    thread, so a thread holds ``CHUNKS`` points of *one* configuration: a per-configuration sum
-    (:func:`_rsum`) adds ``CHUNKS`` values in registers and then shuffles across ``L`` lanes only,
-    and the per-configuration 3 x 3 algebra runs once per thread instead of once per held row.
+    Triton spreads a warp's lanes over the tile starting from its fastest axis, which for these
+    strided loads is the first axis up to Triton 3.6 and the last one from 3.7 on
+    (:func:`qmanifold.kernels._lane_axis_first`); the lane axis is put there. Then the lanes cover
+    the ``L`` points and a few configurations, and the in-thread axis is repeated inside each
+    thread: a thread holds ``CHUNKS`` points of *one* configuration, a per-configuration sum
+    (:func:`_rsum`) adds them in registers and shuffles across ``L`` lanes only, and the
+    per-configuration 3 x 3 algebra runs once per thread.
     """
-    cols = (n0 + tl.arange(0, CHUNKS)[:, None, None] * (BLOCK_N // CHUNKS)
-            + tl.arange(0, BLOCK_N // CHUNKS)[None, None, :])
+    if LANE_AXIS_FIRST:
+        cols = (n0 + tl.arange(0, BLOCK_N // CHUNKS)[:, None, None]
+                + tl.arange(0, CHUNKS)[None, None, :] * (BLOCK_N // CHUNKS))
+    else:
+        cols = (n0 + tl.arange(0, CHUNKS)[:, None, None] * (BLOCK_N // CHUNKS)
+                + tl.arange(0, BLOCK_N // CHUNKS)[None, None, :])
     pt_ok = cols < length[None, :, None]
     pidx = start[None, :, None] + cols
     if HAS_MASK:
@@ -67,10 +77,14 @@ def _tile(mask_ptr, start, length, n0, HAS_MASK: tl.constexpr, BLOCK_N: tl.const
     return pidx, pt_ok, real
 
 
-def _rsum(a):
-    """Per-configuration sum of a tile ``(CHUNKS, BLOCK_B, L)`` -> ``(BLOCK_B,)``: first the
-    in-thread axis, then across lanes."""
-    return tl.sum(tl.sum(a, axis=0), axis=1)
+def _rsum(a, LANE_AXIS_FIRST: tl.constexpr):
+    """Per-configuration sum of a tile (see :func:`_tile`) -> ``(BLOCK_B,)``: first the in-thread
+    axis, then across lanes."""
+    if LANE_AXIS_FIRST:
+        out = tl.sum(tl.sum(a, axis=2), axis=0)
+    else:
+        out = tl.sum(tl.sum(a, axis=0), axis=1)
+    return out
 
 
 def _load3(ptr, pidx, real):
@@ -175,7 +189,7 @@ def _se3_kernel(
     consts_ptr, B, N,
     MODE: tl.constexpr, CENTER: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     ONE_TILE: tl.constexpr, TAME: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNKS: tl.constexpr, DTYPE: tl.constexpr,
+    CHUNKS: tl.constexpr, LANE_AXIS_FIRST: tl.constexpr, DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -211,21 +225,21 @@ def _se3_kernel(
     mu1 = zero
     mu2 = zero
     if ONE_TILE:
-        pidx, pt_ok, real = _tile(mask_ptr, start, length, 0, HAS_MASK, BLOCK_N, CHUNKS)
+        pidx, pt_ok, real = _tile(mask_ptr, start, length, 0, HAS_MASK, BLOCK_N, CHUNKS, LANE_AXIS_FIRST)
         if MODE != 0:
             x0, x1, x2 = _load3(x_ptr, pidx, real)
         if MODE != 2:
             u0, u1, u2 = _combine(u_ptr, z_ptr, pidx, real, ca, cs, MODE)
         if CENTER:
-            cnt = tl.maximum(_rsum(real.to(DTYPE)), 1.0)
+            cnt = tl.maximum(_rsum(real.to(DTYPE), LANE_AXIS_FIRST), 1.0)
             if MODE != 0:
-                mx0 = _rsum(x0) / cnt
-                mx1 = _rsum(x1) / cnt
-                mx2 = _rsum(x2) / cnt
+                mx0 = _rsum(x0, LANE_AXIS_FIRST) / cnt
+                mx1 = _rsum(x1, LANE_AXIS_FIRST) / cnt
+                mx2 = _rsum(x2, LANE_AXIS_FIRST) / cnt
             if MODE != 2:
-                mu0 = _rsum(u0) / cnt
-                mu1 = _rsum(u1) / cnt
-                mu2 = _rsum(u2) / cnt
+                mu0 = _rsum(u0, LANE_AXIS_FIRST) / cnt
+                mu1 = _rsum(u1, LANE_AXIS_FIRST) / cnt
+                mu2 = _rsum(u2, LANE_AXIS_FIRST) / cnt
     else:
         if CENTER:
             n_max = N
@@ -233,18 +247,18 @@ def _se3_kernel(
                 n_max = tl.max(length, axis=0).to(tl.int32)
             cnt = zero
             for n0 in range(0, n_max, BLOCK_N):
-                pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N, CHUNKS)
-                cnt = cnt + _rsum(real.to(DTYPE))
+                pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N, CHUNKS, LANE_AXIS_FIRST)
+                cnt = cnt + _rsum(real.to(DTYPE), LANE_AXIS_FIRST)
                 if MODE != 0:
                     x0, x1, x2 = _load3(x_ptr, pidx, real)
-                    mx0 = mx0 + _rsum(x0)
-                    mx1 = mx1 + _rsum(x1)
-                    mx2 = mx2 + _rsum(x2)
+                    mx0 = mx0 + _rsum(x0, LANE_AXIS_FIRST)
+                    mx1 = mx1 + _rsum(x1, LANE_AXIS_FIRST)
+                    mx2 = mx2 + _rsum(x2, LANE_AXIS_FIRST)
                 if MODE != 2:
                     u0, u1, u2 = _combine(u_ptr, z_ptr, pidx, real, ca, cs, MODE)
-                    mu0 = mu0 + _rsum(u0)
-                    mu1 = mu1 + _rsum(u1)
-                    mu2 = mu2 + _rsum(u2)
+                    mu0 = mu0 + _rsum(u0, LANE_AXIS_FIRST)
+                    mu1 = mu1 + _rsum(u1, LANE_AXIS_FIRST)
+                    mu2 = mu2 + _rsum(u2, LANE_AXIS_FIRST)
             cnt = tl.maximum(cnt, 1.0)
             mx0 = mx0 / cnt
             mx1 = mx1 / cnt
@@ -268,45 +282,45 @@ def _se3_kernel(
             xc0 = _centre(x0, mx0, real, CENTER)
             xc1 = _centre(x1, mx1, real, CENTER)
             xc2 = _centre(x2, mx2, real, CENTER)
-            s00 = _rsum(xc0 * xc0)
-            s01 = _rsum(xc0 * xc1)
-            s02 = _rsum(xc0 * xc2)
-            s11 = _rsum(xc1 * xc1)
-            s12 = _rsum(xc1 * xc2)
-            s22 = _rsum(xc2 * xc2)
+            s00 = _rsum(xc0 * xc0, LANE_AXIS_FIRST)
+            s01 = _rsum(xc0 * xc1, LANE_AXIS_FIRST)
+            s02 = _rsum(xc0 * xc2, LANE_AXIS_FIRST)
+            s11 = _rsum(xc1 * xc1, LANE_AXIS_FIRST)
+            s12 = _rsum(xc1 * xc2, LANE_AXIS_FIRST)
+            s22 = _rsum(xc2 * xc2, LANE_AXIS_FIRST)
         if MODE != 2:
             uc0 = _centre(u0, mu0, real, CENTER)
             uc1 = _centre(u1, mu1, real, CENTER)
             uc2 = _centre(u2, mu2, real, CENTER)
             if MODE != 0:
-                j0 = _rsum(xc1 * uc2 - xc2 * uc1)
-                j1 = _rsum(xc2 * uc0 - xc0 * uc2)
-                j2 = _rsum(xc0 * uc1 - xc1 * uc0)
+                j0 = _rsum(xc1 * uc2 - xc2 * uc1, LANE_AXIS_FIRST)
+                j1 = _rsum(xc2 * uc0 - xc0 * uc2, LANE_AXIS_FIRST)
+                j2 = _rsum(xc0 * uc1 - xc1 * uc0, LANE_AXIS_FIRST)
     else:
         if MODE != 0:
             n_max = N
             if PACKED:
                 n_max = tl.max(length, axis=0).to(tl.int32)
             for n0 in range(0, n_max, BLOCK_N):
-                pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N, CHUNKS)
+                pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N, CHUNKS, LANE_AXIS_FIRST)
                 x0, x1, x2 = _load3(x_ptr, pidx, real)
                 xc0 = _centre(x0, mx0, real, CENTER)
                 xc1 = _centre(x1, mx1, real, CENTER)
                 xc2 = _centre(x2, mx2, real, CENTER)
-                s00 = s00 + _rsum(xc0 * xc0)
-                s01 = s01 + _rsum(xc0 * xc1)
-                s02 = s02 + _rsum(xc0 * xc2)
-                s11 = s11 + _rsum(xc1 * xc1)
-                s12 = s12 + _rsum(xc1 * xc2)
-                s22 = s22 + _rsum(xc2 * xc2)
+                s00 = s00 + _rsum(xc0 * xc0, LANE_AXIS_FIRST)
+                s01 = s01 + _rsum(xc0 * xc1, LANE_AXIS_FIRST)
+                s02 = s02 + _rsum(xc0 * xc2, LANE_AXIS_FIRST)
+                s11 = s11 + _rsum(xc1 * xc1, LANE_AXIS_FIRST)
+                s12 = s12 + _rsum(xc1 * xc2, LANE_AXIS_FIRST)
+                s22 = s22 + _rsum(xc2 * xc2, LANE_AXIS_FIRST)
                 if MODE != 2:
                     u0, u1, u2 = _combine(u_ptr, z_ptr, pidx, real, ca, cs, MODE)
                     uc0 = _centre(u0, mu0, real, CENTER)
                     uc1 = _centre(u1, mu1, real, CENTER)
                     uc2 = _centre(u2, mu2, real, CENTER)
-                    j0 = j0 + _rsum(xc1 * uc2 - xc2 * uc1)
-                    j1 = j1 + _rsum(xc2 * uc0 - xc0 * uc2)
-                    j2 = j2 + _rsum(xc0 * uc1 - xc1 * uc0)
+                    j0 = j0 + _rsum(xc1 * uc2 - xc2 * uc1, LANE_AXIS_FIRST)
+                    j1 = j1 + _rsum(xc2 * uc0 - xc0 * uc2, LANE_AXIS_FIRST)
+                    j2 = j2 + _rsum(xc0 * uc1 - xc1 * uc0, LANE_AXIS_FIRST)
 
     # ---- the 3 x 3 algebra, per configuration ------------------------------------------------
     # inertia tensor K = tr(S) I - S, regularised: K + (c tr(K)/3 + floor) I
@@ -367,7 +381,7 @@ def _se3_kernel(
         if PACKED:
             n_max = tl.max(length, axis=0).to(tl.int32)
         for n0 in range(0, n_max, BLOCK_N):
-            pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N, CHUNKS)
+            pidx, pt_ok, real = _tile(mask_ptr, start, length, n0, HAS_MASK, BLOCK_N, CHUNKS, LANE_AXIS_FIRST)
             if MODE != 0:
                 x0, x1, x2 = _load3(x_ptr, pidx, real)
                 xc0 = _centre(x0, mx0, real, CENTER)

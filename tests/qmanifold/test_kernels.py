@@ -172,9 +172,10 @@ def test_streaming_variant_matches_one_tile(path_device, dtype, name, monkeypatc
     cases([(n, dt) for n in ("SE3", "SE3-generic", "SO4", "T2") for dt in (F32, F64)], [("SE3", F32)]),
 )
 def test_every_tile_layout_matches_oracle(path_device, dtype, name, monkeypatch):
-    """The tile ``(CHUNKS, BLOCK_B, BLOCK_N / CHUNKS)``: each thread's points belong to one
-    configuration (the default ``CHUNKS``), or one point of several (``CHUNKS = 1``, the previous
-    layout), or anything between -- padded with a mask, packed, and streamed: same results.
+    """The tile (lane axis, configurations, in-thread axis of ``CHUNKS`` points), in either order of
+    its axes: each thread's points belong to one configuration (the default ``CHUNKS``), or one
+    point of several (``CHUNKS = 1``), or anything between -- padded with a mask, packed, and
+    streamed: same results.
     (The small batches of the other tests give ``CHUNKS = 1``; 40 configurations of 7 points give
     a default ``CHUNKS`` > 1 in float32: 4 for SE(3).)"""
     path, device = path_device
@@ -193,8 +194,11 @@ def test_every_tile_layout_matches_oracle(path_device, dtype, name, monkeypatch)
         "update": ref.lifted_update(x, v, z, 0.05, s, -0.2, mask, tame_limit=0.05 * s),
         "packed": ref.horizontal_projection(vp, xp, offsets=offsets),
     }
-    for chunks in (None, 1, 2, 8):
+    for chunks, lane_axis_first in ((None, False), (None, True), (1, False), (2, True), (8, False)):
+        # both arrangements of the tile's axes (which one runs depends on the Triton version)
+        monkeypatch.setattr(K, "_lane_axis_first", lambda flag=lane_axis_first: flag)
         geom = FusedGeometry(group, path=path, generated=name.endswith("generic"), chunks=chunks)
+        assert geom.plan(1, x, v, mask=mask).constexprs["LANE_AXIS_FIRST"] is lane_axis_first
         if chunks is None and dtype == F32:  # several points of one configuration per thread (SE(3): 4)
             default = geom.plan(3, x, v, mask=mask).constexprs["CHUNKS"]
             assert default > 1 and (default == 4 or name != "SE3"), default
@@ -205,7 +209,8 @@ def test_every_tile_layout_matches_oracle(path_device, dtype, name, monkeypatch)
             "packed": geom.horizontal_projection(vp, xp, offsets=offsets, max_size=7),
         }
         for key, value in got.items():
-            torch.testing.assert_close(value, expected[key], **t, msg=lambda m, key=key: f"chunks={chunks} {key}: {m}")
+            torch.testing.assert_close(value, expected[key], **t,
+                                       msg=lambda m, key=key: f"chunks={chunks} lane axis first={lane_axis_first} {key}: {m}")
     # streaming (configurations above the tile), chunked
     monkeypatch.setattr(K, "MAX_TILE_POINTS", 4)
     monkeypatch.setattr(K, "STREAM_CHUNK_POINTS", 4)

@@ -23,6 +23,12 @@ from qmanifold.kernels import FusedGeometry
 pytestmark = pytest.mark.skipif(not K.triton_available(), reason=f"Triton is not installed here ({K.triton_error()}); "
                                 "it is in the 'test' extra on Linux x86-64")
 
+#: Bytes of stack a specialisation may use: a few registers' worth. Triton 3.6 and 3.7 keep 8 B
+#: on the stack in some specialisations, with this tile layout and the one before it alike; the
+#: configuration before the register budget spilled kilobytes (SO(4): 650-1700 B per thread).
+STACK_ALLOWANCE_F32 = 16
+STACK_ALLOWANCE_F64 = 64
+
 SO4 = LieGroup("SO(4)", 4, generators=[
     sympy.Matrix(4, 4, lambda r, c: (1 if (r, c) == (j, i) else -1 if (r, c) == (i, j) else 0))
     for i in range(4) for j in range(i + 1, 4)
@@ -41,7 +47,7 @@ def aot():
 def test_se3_kernel_compiles_for_sm90_without_spills(op):
     report = aot().compile_op(FusedGeometry(groups.SE3), arch=90, **op)
     assert report.kernel == "se3"
-    assert not report.spills, report
+    assert report.stack_bytes + report.local_bytes <= STACK_ALLOWANCE_F32, report
     # the register budget of _config: every SE(3) specialisation keeps at least 8 of 64 warps resident
     assert report.registers <= 168 and report.occupancy >= 0.125, report
 
@@ -55,16 +61,16 @@ def test_generated_kernels_compile_for_sm90(name, group, generated, mode):
     for dtype in (torch.float32, torch.float64):
         report = aot().compile_op(geom, mode, points=29, dtype=dtype, arch=90)
         assert report.kernel.startswith("generic:")
-        # float32: no spills at all; float64 on the 4-dimensional SO(4) (6 generators) may keep a
-        # couple of registers on the stack, never the kilobytes that 4 warps per tile used to spill
-        limit = 0 if dtype == torch.float32 else 16
+        # at most a few registers on the stack (float64 on the 4-dimensional SO(4), 6 generators:
+        # Triton 3.6 keeps 64 B), never the kilobytes that 4 warps per tile used to spill
+        limit = STACK_ALLOWANCE_F32 if dtype == torch.float32 else STACK_ALLOWANCE_F64
         assert report.stack_bytes + report.local_bytes <= limit, report
 
 
 def test_compiles_for_a100_and_plan_matches_launch():
     geom = FusedGeometry(groups.SE3)
     report = aot().compile_op(geom, 4, points=29, batch=1000, arch=80)
-    assert report.arch == 80 and not report.spills
+    assert report.arch == 80 and report.stack_bytes + report.local_bytes <= STACK_ALLOWANCE_F32
     # the plan compiled is the launch's plan: same tile and warps as _config chooses
     block_b, block_n, warps = K._config(29, 1000, torch.float32, True, geom._register_weight)
     assert (report.block_b, report.block_n, report.num_warps) == (block_b, block_n, warps)
@@ -83,15 +89,17 @@ def test_per_configuration_layout_needs_fewer_instructions_than_the_previous_one
     default) against the previous one (``CHUNKS = 1``: a thread holds one point of each of several
     configurations). Counted in the compiled sm_90 code, for ``(P_x, h)``: the cross-lane shuffles
     of the per-configuration sums drop by at least 2x and all instructions by at least 30 %, with
-    no more registers (measured: SE(3) at 29 points 1480 -> 616 instructions and 320 -> 48
-    shuffles; T^2, 2 points per thread, 424 -> 272 and 80 -> 32)."""
+    no more registers (measured with Triton 3.9: SE(3) at 29 points 1480 -> 616 instructions and
+    320 -> 48 shuffles; T^2, 2 points per thread, 424 -> 272 and 80 -> 32). ``chunks=1`` puts the
+    lanes along all the points in either Triton, see ``qmanifold.kernels._lane_axis_first``."""
     default = aot().compile_op(FusedGeometry(group), 3, points=points, batch=batch, arch=90)
     previous = aot().compile_op(FusedGeometry(group, chunks=1), 3, points=points, batch=batch, arch=90)
     assert default.chunks > 1 and previous.chunks == 1
     assert (default.block_b, default.block_n, default.num_warps) == (previous.block_b, previous.block_n, previous.num_warps)
     assert 2 * default.shuffles <= previous.shuffles, (default, previous)
     assert 10 * default.instructions <= 7 * previous.instructions, (default, previous)
-    assert default.registers <= previous.registers and not default.spills, (default, previous)
+    assert default.registers <= previous.registers, (default, previous)
+    assert default.stack_bytes + default.local_bytes <= STACK_ALLOWANCE_F32, default
 
 
 def test_occupancy_arithmetic():

@@ -35,6 +35,11 @@ pytestmark = [
                        "to compare with"),
 ]
 if K.triton_available() and not K.interpreting():
+    from qmanifold.kernels.launch import unsupported_reason
+
+    _UNSUPPORTED = unsupported_reason(K._triton()[0])
+    pytestmark.append(pytest.mark.skipif(_UNSUPPORTED is not None, reason=str(_UNSUPPORTED)))
+if K.triton_available() and not K.interpreting():
     from qmanifold.kernels.dryrun import fake_cuda_driver
 
 
