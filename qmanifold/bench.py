@@ -484,7 +484,8 @@ def _header(device, dtype, repeats, q) -> str:
     lines = [
         f"qmanifold bench  |  torch {torch.__version__}  |  device {device} ({name})  |  threads {threads}  |  "
         f"{dtype}  |  {repeats} alternating blocks, median per call  |  Quotient backend: {q.backend}  |  "
-        f"triton: {'yes' if st['triton'] else 'no'}",
+        f"triton: {st['triton_version'] or 'no'}"
+        + (f" (launches: {'direct' if st['direct_launch'] else 'through Triton'})" if st["triton"] else ""),
         f"{'comparison':<26} {'a':<44} {'b':<30} {'a median':>11} {'b median':>11} {'a/b':>7} {'a GB/s':>8} "
         f"{'a %copy':>8} {'peak a/b MiB':>14}  size",
         "-" * 190,

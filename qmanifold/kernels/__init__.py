@@ -56,7 +56,7 @@ from .. import so3
 from ..masking import apply_mask, center as _torch_center
 from ..sde import tame as _tame
 from . import emulate, generic_triton, se3_triton
-from .launch import DirectLauncher, runtime_names
+from .launch import LAUNCH_OPTIONS, DirectLauncher, runtime_names
 
 __all__ = ["FusedGeometry", "LaunchPlan", "triton_available", "triton_error", "interpreting", "status", "PATHS",
            "MAX_TILE_POINTS"]
@@ -115,12 +115,23 @@ def interpreting() -> bool:
 
 
 def status() -> dict:
-    """What the fused path can do here: Triton import, CUDA, kernels that failed to compile."""
+    """What the fused path can do here: Triton import and version, CUDA, whether launches skip
+    Triton's dispatch (:mod:`qmanifold.kernels.launch`), the tile's lane axis, kernels that failed
+    to compile."""
+    tt = _triton()
+    direct = None
+    if tt and not interpreting():
+        from .launch import direct_launch_enabled, unsupported_reason
+
+        direct = direct_launch_enabled() and unsupported_reason(tt[0]) is None
     return {
         "triton": triton_available(),
+        "triton_version": getattr(tt[0], "__version__", None) if tt else None,
         "triton_error": triton_error(),
         "cuda": torch.cuda.is_available(),
         "interpreting": interpreting(),
+        "direct_launch": direct,
+        "lane_axis_first": _lane_axis_first() if tt else None,
         "broken_kernels": dict(_BROKEN),
     }
 
@@ -491,7 +502,8 @@ class FusedGeometry:
         dtype_tl = tl.float32 if plan.dtype == torch.float32 else tl.float64
         try:
             if path == "interpret":
-                ks.jit()[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs)
+                ks.jit()[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs,
+                                    **LAUNCH_OPTIONS)
             elif plan.out.is_cuda and plan.out.device.index != torch.cuda.current_device():
                 with torch.cuda.device(plan.out.device):  # Triton launches on the current device
                     ks.launcher.launch(plan, dtype_tl)

@@ -33,6 +33,7 @@ import time
 import torch
 
 from . import FusedGeometry, _triton, triton_available, triton_error
+from .launch import LAUNCH_OPTIONS
 
 __all__ = ["CompileReport", "compile_plan", "compile_op", "representative_ops", "occupancy", "format_reports",
            "sass_counts", "MODES"]
@@ -152,8 +153,7 @@ def compile_plan(geom: FusedGeometry, plan, *, arch: int = 90) -> tuple[object, 
     # no attributes: a launch specialises no runtime argument (no alignment or divisibility
     # assumptions; see qmanifold.kernels.launch)
     source = ASTSource(jit, signature, constexprs=constexprs, attrs={})
-    # FMA contraction on, as at launch (Triton's default; stated so that Triton >= 3.9 does not warn)
-    options = {"num_warps": plan.num_warps, "enable_fp_fusion": True}
+    options = {"num_warps": plan.num_warps, **LAUNCH_OPTIONS}  # as at launch
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     usage = _resource_usage(kernel.asm["cubin"])
     counts = sass_counts(kernel.asm["cubin"])

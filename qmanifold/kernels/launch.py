@@ -35,9 +35,14 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["INT32_MAX", "DirectLauncher", "direct_launch_enabled", "runtime_names", "unsupported_reason"]
+__all__ = ["INT32_MAX", "LAUNCH_OPTIONS", "DirectLauncher", "direct_launch_enabled", "runtime_names", "unsupported_reason"]
 
 INT32_MAX = 2**31 - 1
+
+#: Compiler options of every launch, stated rather than left to Triton's default: FMA contraction
+#: on (Triton's default up to 3.9, which warns that 3.10 turns it off; ``qmanifold.kernels.aot``
+#: compiles with the same).
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 def direct_launch_enabled() -> bool:
@@ -136,7 +141,8 @@ class DirectLauncher:
                          compiled.packed_metadata, None, None, None, *plan.args, *constexpr_values)
             self.direct_launches += 1
             return
-        compiled = self.jit_fn[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs)
+        compiled = self.jit_fn[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs,
+                                          **LAUNCH_OPTIONS)
         if direct and compiled is not None and hasattr(compiled, "packed_metadata"):
             values = dict(plan.constexprs, DTYPE=dtype_tl)
             self.compiled[key] = (compiled, tuple(values[name] for name in self.constexpr_names))

@@ -19,6 +19,8 @@ gradients are covered.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import sympy
 import torch
@@ -372,6 +374,13 @@ def test_paths_and_status():
         FusedGeometry(LieGroup("translations", 3, generators=[], translations=True))
     st = K.status()
     assert st["triton"] == HAS_TRITON and st["cuda"] == HAS_CUDA and st["interpreting"] == INTERPRETING
+    if HAS_TRITON:
+        version = tuple(int(p) for p in st["triton_version"].split(".")[:2])
+        assert st["lane_axis_first"] == (version < (3, 7))
+        if not INTERPRETING:  # direct launches with Triton >= 3.5 unless switched off
+            assert st["direct_launch"] == (version >= (3, 5) and os.environ.get("QMANIFOLD_DIRECT_LAUNCH", "1") != "0")
+    else:
+        assert st["triton_version"] is None and st["direct_launch"] is None
     if not HAS_TRITON:
         with pytest.raises(RuntimeError, match="Triton"):
             FusedGeometry(groups.SE3, path="triton")

@@ -41,6 +41,7 @@ if K.triton_available() and not K.interpreting():
     pytestmark.append(pytest.mark.skipif(_UNSUPPORTED is not None, reason=str(_UNSUPPORTED)))
 if K.triton_available() and not K.interpreting():
     from qmanifold.kernels.dryrun import fake_cuda_driver
+    from qmanifold.kernels.launch import LAUNCH_OPTIONS
 
 
 def _misaligned(shape, dtype):
@@ -97,7 +98,8 @@ def test_direct_launch_matches_tritons_dispatch(group):
             plan = geom.plan(*args, **kwargs)
             dtype_tl = tl.float32 if plan.dtype == torch.float32 else tl.float64
             # Triton's own dispatch: binding, specialisation, cache key
-            kernels.jit()[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs)
+            kernels.jit()[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs,
+                                     **LAUNCH_OPTIONS)
             by_triton = recorder.launches[-1]
             # ours: the first launch of a key goes through Triton, later ones are direct
             launcher.launch(plan, dtype_tl)
