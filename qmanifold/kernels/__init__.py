@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import os
 import re
@@ -164,8 +165,10 @@ class _KernelSet:
                     for name, fn in self.functions.items():
                         if name == self.entry:
                             runtime = runtime_names(fn)
-                            jitted[name] = triton.jit(fn, do_not_specialize=runtime,
-                                                      do_not_specialize_on_alignment=runtime)
+                            options = {"do_not_specialize": runtime}
+                            if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+                                options["do_not_specialize_on_alignment"] = runtime  # Triton >= 3.2
+                            jitted[name] = triton.jit(fn, **options)
                         else:
                             jitted[name] = triton.jit(fn)
                     self.namespace.update(jitted)  # helpers resolve to their jit versions
@@ -381,8 +384,6 @@ class FusedGeometry:
     @property
     def source(self) -> str:
         """The kernel's Python/Triton source (generated for non-SO(3) groups)."""
-        import inspect
-
         if self.is_so3:
             return inspect.getsource(se3_triton)
         return self.kernels.source
