@@ -260,3 +260,24 @@ def test_launch_overhead_benchmark_records_both_paths(tmp_path):
         assert 0 < r["plan_median_s"] and 0 < r["a_median_s"] and 0 < r["b_median_s"]
         assert r["ratio"] == pytest.approx(r["a_median_s"] / r["b_median_s"])
         assert r["direct_launches"] > 0
+
+
+def test_jit_without_alignment_option(monkeypatch):
+    """Triton 3.0 / 3.1 have no ``do_not_specialize_on_alignment``: the kernels must still jit (then
+    with alignment specialisation, and no direct launch: those versions predate 3.5)."""
+    import triton
+
+    real_jit = triton.jit
+    seen = []
+
+    def old_jit(fn=None, *, do_not_specialize=None, debug=None, noinline=None):
+        seen.append(do_not_specialize)
+        return real_jit(fn, do_not_specialize=do_not_specialize)
+
+    monkeypatch.setattr(triton, "jit", old_jit)
+    from qmanifold.kernels import se3_triton
+
+    kernels = K._KernelSet("se3-test", se3_triton.KERNEL_FUNCTIONS, dict(vars(se3_triton)), "_se3_kernel")
+    entry = kernels.jit()
+    assert seen and seen[-1] is not None and "B" in seen[-1]  # the entry's runtime arguments
+    assert [p.name for p in entry.params if p.do_not_specialize][:2] == ["x_ptr", "u_ptr"]
