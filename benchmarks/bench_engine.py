@@ -30,7 +30,6 @@ at their default size (EGNN hidden 128, 6 layers) with 7 repeats. On CPU the def
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -39,7 +38,15 @@ import torch
 
 import groups
 from qmanifold import Quotient, QuotientDiffusion
-from qmanifold.bench import build_denoiser, make_batch, one_step, time_group, time_pair, training_step
+from qmanifold.bench import (
+    build_denoiser,
+    make_batch,
+    one_step,
+    time_group,
+    time_pair,
+    training_step,
+    write_json,
+)
 from qmanifold.bench import fmt_seconds as _fmt
 
 __all__ = ["make_batch", "time_group", "time_pair", "run", "main"]
@@ -184,9 +191,7 @@ def main(argv=None) -> list[dict]:
     records = run(args)
     print(f"\n(total {time.perf_counter() - start:.1f} s)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(records, fh, indent=2)
-        print(f"wrote {len(records)} records to {args.json}")
+        write_json(args.json, records)
     return records
 
 

@@ -18,13 +18,11 @@ Run (GPU only)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from qmanifold.bench import copy_bandwidth, device_time
-
+from qmanifold.bench import copy_bandwidth, device_time, write_json
 
 #: (num_warps, chunks) of each launch configuration timed: the default, fixed warps, and the
 #: previous tile layout (one point of each of several configurations per thread)
@@ -99,9 +97,7 @@ def main(argv=None) -> int:
     # every (size, warps, op) is a Triton compilation on first use (~1-2 s): two sizes keep it short
     records = sweep(device, [(65536, 29), (16384, 256)], group_names=args.groups)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(records, fh, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, records)
     return 0
 
 

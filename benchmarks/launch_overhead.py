@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 import sys
 
 import torch
 
-from qmanifold.bench import fmt_seconds, time_group
+from qmanifold.bench import fmt_seconds, time_group, write_json
 
 
 def _ops(geom, batch: int, points: int, device):
@@ -106,41 +105,24 @@ def _fake_driver():
 def compare_specialization(arch: int = 90) -> list[dict]:
     """Compile the hot SE(3) and T^2 kernels for sm_``arch`` with and without Triton's alignment /
     divisibility specialisation; registers, spills and vector loads / stores of each."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     import groups
-    from qmanifold.kernels import FusedGeometry, _triton
-    from qmanifold.kernels.aot import _resource_usage, _type_of
+    from qmanifold.kernels import FusedGeometry
+    from qmanifold.kernels.aot import compile_plan
 
-    tl = _triton()[1]
     rows = []
     print(f"{'kernel':<8} {'op':<22} {'size':<10} {'specialised':>11}  {'regs':>5} {'stack':>5} "
           f"{'ld.global':>9} {'vector ld':>9} {'vector st':>9}")
     for name, group in (("SE3", groups.SE3), ("T2", groups.Torus(2))):
         geom = FusedGeometry(group)
-        jit = geom.kernels.jit()
         for batch, points in ((65536, 29), (4096, 256)):
             x = torch.empty(batch, points, group.point_dim, device="meta")
             scalar = torch.empty(batch, device="meta")
             for mode, op in ((1, "projection"), (3, "projection+curvature"), (4, "lifted update")):
                 extra = dict(a=scalar, s=scalar, c=scalar, lim=scalar) if mode == 4 else {}
                 plan = geom.plan(mode, x, x, x if mode == 4 else None, **extra)
-                constexprs = dict(plan.constexprs, DTYPE=tl.float32)
                 for specialised in (True, False):
-                    signature = {n: _type_of(a) for n, a in zip(jit.arg_names, plan.args)}
-                    signature.update({n: "constexpr" for n in constexprs})
-                    attrs = {}
-                    if specialised:  # what Triton's dispatch would assume for torch allocations and sizes
-                        for i, arg in enumerate(plan.args):
-                            if isinstance(arg, torch.Tensor) or (isinstance(arg, int) and arg and arg % 16 == 0):
-                                attrs[(i,)] = [["tt.divisibility", 16]]
-                    kernel = triton.compile(ASTSource(jit, signature, constexprs=constexprs, attrs=attrs),
-                                            target=GPUTarget("cuda", arch, 32),
-                                            options={"num_warps": plan.num_warps, "enable_fp_fusion": True})
+                    kernel, usage = compile_plan(geom, plan, arch=arch, specialised=specialised)
                     ptx = kernel.asm["ptx"]
-                    usage = _resource_usage(kernel.asm["cubin"])
                     row = dict(kernel=name, op=op, size=f"{batch}x{points}", specialised=specialised,
                                registers=usage["registers"], stack_bytes=usage["stack_bytes"],
                                global_loads=len(re.findall(r"\bld\.global", ptx)),
@@ -179,9 +161,7 @@ def main(argv=None) -> int:
             sizes, repeats = [(64, 29), (1024, 29)], args.repeats
         records = measure(device, sizes, repeats)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(records, fh, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, records)
     return 0
 
 

@@ -21,13 +21,18 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 
 import torch
 
-from qmanifold.bench import build_denoiser, make_batch, time_group, training_step
+from qmanifold.bench import (
+    build_denoiser,
+    make_batch,
+    time_group,
+    training_step,
+    write_json,
+)
 
 LOSSES = ("quotient", "conventional", "af3_align")
 
@@ -109,9 +114,7 @@ def main(argv=None) -> dict:
         parser.error("--device cuda requested but CUDA is not available")
     result = profile_losses(device, quick=args.quick, steps=args.steps, batch=args.batch)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return result
 
 

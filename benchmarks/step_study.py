@@ -31,13 +31,13 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
 
+from qmanifold.bench import write_json
 from qmanifold.verify import runner as R
 
 __all__ = ["run_study", "summarise", "main"]
@@ -255,9 +255,7 @@ def main(argv=None) -> dict:
     print(f"\n(total {time.perf_counter() - start:.0f} s; {args.n_samples} samples per run, {seeds} seed(s), float64)")
     result = {"records": records, "summary": summary, "config": vars(args)}
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return result
 
 

@@ -98,6 +98,16 @@ def time_pair(fa: Callable, fb: Callable, device: torch.device, **kwargs) -> tup
     return out["a"], out["b"]
 
 
+def write_json(path: str, data) -> None:
+    """Write benchmark results (a list of records, or a dict) to ``path`` as JSON, atomically, and
+    say so."""
+    from .atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=float))
+    what = f"{len(data)} records" if isinstance(data, list) else "results"
+    print(f"wrote {what} to {path}")
+
+
 def fmt_seconds(s: float) -> str:
     if s >= 1.0:
         return f"{s:8.3f} s "
@@ -542,9 +552,7 @@ def handler(args) -> int:
     records = run(args)
     print(f"\n(total {time.perf_counter() - start:.1f} s)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(records, fh, indent=2, default=float)
-        print(f"wrote {len(records)} records to {args.json}")
+        write_json(args.json, records)
     return 0
 
 

@@ -57,7 +57,7 @@ from .. import so3
 from ..masking import apply_mask, center as _torch_center
 from ..sde import tame as _tame
 from . import emulate, generic_triton, se3_triton
-from .launch import LAUNCH_OPTIONS, DirectLauncher, runtime_names
+from .launch import LAUNCH_OPTIONS, DirectLauncher, direct_launch_available, runtime_names
 
 __all__ = ["FusedGeometry", "LaunchPlan", "triton_available", "triton_error", "interpreting", "status", "PATHS",
            "MAX_TILE_POINTS"]
@@ -120,11 +120,7 @@ def status() -> dict:
     Triton's dispatch (:mod:`qmanifold.kernels.launch`), the tile's lane axis, kernels that failed
     to compile."""
     tt = _triton()
-    direct = None
-    if tt and not interpreting():
-        from .launch import direct_launch_enabled, unsupported_reason
-
-        direct = direct_launch_enabled() and unsupported_reason(tt[0]) is None
+    direct = direct_launch_available(tt[0]) if tt and not interpreting() else None
     return {
         "triton": triton_available(),
         "triton_version": getattr(tt[0], "__version__", None) if tt else None,
@@ -339,8 +335,9 @@ class FusedGeometry:
         num_warps: fix the warps per program of every launch (for tuning sweeps); by default they
             follow the register budget of :func:`_config`.
         chunks: fix the points of one configuration per thread (a power of two; clipped to the
-            tile), for tuning sweeps; ``1`` is the layout before :func:`_chunks`. By default all
-            of a thread's points belong to one configuration.
+            tile), for tuning sweeps; ``1`` puts the lanes along all the points (the layout before
+            :func:`_chunks` with Triton >= 3.7). By default all of a thread's points belong to one
+            configuration.
     """
 
     def __init__(self, group, path: str = "auto", *, generated: bool = False, num_warps: int | None = None,

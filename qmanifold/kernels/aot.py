@@ -103,13 +103,17 @@ def _tool(name: str) -> str:
     return path
 
 
-def _resource_usage(cubin: bytes) -> dict:
+def _cuobjdump(cubin: bytes, option: str) -> str:
+    """``cuobjdump <option>`` of a cubin (Triton's copy of the tool), as text."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as fh:
             fh.write(cubin)
-        text = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run([_tool("cuobjdump"), option, path], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    text = _cuobjdump(cubin, "-res-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     if m is None:
         raise RuntimeError(f"could not read the resource usage from cuobjdump's output:\n{text}")
@@ -120,14 +124,8 @@ def _resource_usage(cubin: bytes) -> dict:
 def sass_counts(cubin: bytes) -> dict:
     """SASS instructions of a cubin, in total and by kind (``cuobjdump -sass``): ``instructions``,
     ``shuffles`` (SHFL), ``barriers`` (BAR), ``global_loads`` (LDG), ``global_stores`` (STG)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as fh:
-            fh.write(cubin)
-        text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
-                              check=True).stdout
     opcodes = []
-    for line in text.splitlines():
+    for line in _cuobjdump(cubin, "-sass").splitlines():
         m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if m:
             opcodes.append(m.group(1))
@@ -135,9 +133,13 @@ def sass_counts(cubin: bytes) -> dict:
             "global_loads": opcodes.count("LDG"), "global_stores": opcodes.count("STG")}
 
 
-def compile_plan(geom: FusedGeometry, plan, *, arch: int = 90) -> tuple[object, dict]:
+def compile_plan(geom: FusedGeometry, plan, *, arch: int = 90, specialised: bool = False) -> tuple[object, dict]:
     """Compile ``plan`` (from :meth:`FusedGeometry.plan`) for ``sm_<arch>``; returns the compiled
-    kernel and its resource usage (with :func:`sass_counts`)."""
+    kernel and its resource usage (with :func:`sass_counts`).
+
+    ``specialised``: compile with the alignment / divisibility assumptions Triton's dispatch would
+    make for torch allocations and sizes (every pointer and every integer divisible by 16 marked
+    so), which launches no longer make; for comparison only."""
     if not triton_available():
         raise RuntimeError(f"compiling ahead of time needs Triton ({triton_error()})")
     triton, tl = _triton()
@@ -150,9 +152,14 @@ def compile_plan(geom: FusedGeometry, plan, *, arch: int = 90) -> tuple[object, 
     signature = {name: _type_of(arg) for name, arg in zip(names, plan.args)}
     for name in constexprs:
         signature[name] = "constexpr"
-    # no attributes: a launch specialises no runtime argument (no alignment or divisibility
-    # assumptions; see qmanifold.kernels.launch)
-    source = ASTSource(jit, signature, constexprs=constexprs, attrs={})
+    # by default no attributes: a launch specialises no runtime argument (no alignment or
+    # divisibility assumptions; see qmanifold.kernels.launch)
+    attrs = {}
+    if specialised:
+        for i, arg in enumerate(plan.args):
+            if isinstance(arg, torch.Tensor) or (type(arg) is int and arg and arg % 16 == 0):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(jit, signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": plan.num_warps, **LAUNCH_OPTIONS}  # as at launch
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     usage = _resource_usage(kernel.asm["cubin"])

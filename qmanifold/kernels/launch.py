@@ -18,7 +18,7 @@ ends in).
 
 Giving up the specialisation costs nothing here: compiled for sm_90, the SE(3) and T^2 kernels
 have no vector loads or stores either way (points are interleaved, ``d`` floats apart), and the
-registers per thread differ by at most 4 (``benchmarks/launch_overhead.py --compare-specialization``).
+registers per thread are the same (``benchmarks/launch_overhead.py --compare-specialization``).
 
 That the key is complete -- one key never stands for two of Triton's specialisations -- and that
 the direct call passes exactly the arguments Triton's dispatch passes is tested on a CPU against
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["INT32_MAX", "LAUNCH_OPTIONS", "DirectLauncher", "direct_launch_enabled", "runtime_names", "unsupported_reason"]
+__all__ = ["INT32_MAX", "LAUNCH_OPTIONS", "DirectLauncher", "direct_launch_available", "direct_launch_enabled", "runtime_names", "unsupported_reason"]
 
 INT32_MAX = 2**31 - 1
 
@@ -77,6 +77,12 @@ def unsupported_reason(triton) -> str | None:
     return None
 
 
+def direct_launch_available(triton) -> bool:
+    """Whether launches may skip Triton's dispatch with this Triton: wanted
+    (:func:`direct_launch_enabled`) and possible (:func:`unsupported_reason`)."""
+    return direct_launch_enabled() and unsupported_reason(triton) is None
+
+
 def _hooks_clear(runtime) -> bool:
     """Whether no launch hook is registered in Triton's ``knobs.runtime``."""
     if runtime is None:  # Triton < 3.4 keeps the hooks elsewhere: let Triton launch
@@ -108,8 +114,7 @@ class DirectLauncher:
                                  for p in params[: self.runtime_count])
         #: whether direct launches are possible with this kernel and Triton, and wanted
         #: (``QMANIFOLD_DIRECT_LAUNCH`` is read once, when the kernel is first launched)
-        self.unsupported = unsupported_reason(triton)
-        self.usable = self.ordered and self.unspecialised and direct_launch_enabled() and self.unsupported is None
+        self.usable = self.ordered and self.unspecialised and direct_launch_available(triton)
         self.compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, its constexpr values in order)
         self.direct_launches = 0
         self._driver = self._runtime = None
@@ -123,7 +128,7 @@ class DirectLauncher:
         wide = a[16] > INT32_MAX or a[17] > INT32_MAX
         return (a[0].dtype, a[1].dtype, a[2].dtype, a[3].dtype, a[4].dtype, a[7].dtype, a[15].dtype, wide,
                 c["MODE"], c["CENTER"], c["HAS_MASK"], c["PACKED"], c["ONE_TILE"], c["TAME"], c["BLOCK_B"],
-                c["BLOCK_N"], c["CHUNKS"], c["LANE_AXIS_FIRST"], plan.dtype, plan.num_warps, device_index)
+                c["BLOCK_N"], c["CHUNKS"], c["LANE_AXIS_FIRST"], plan.num_warps, device_index)
 
     def launch(self, plan, dtype_tl) -> None:
         """Launch ``plan`` on the current CUDA device: directly when its specialisation was compiled
