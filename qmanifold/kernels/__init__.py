@@ -48,7 +48,9 @@ import math
 import os
 import re
 import threading
+import types
 import warnings
+from collections.abc import Mapping
 
 import torch
 
@@ -223,6 +225,14 @@ def _consts(dtype, device) -> torch.Tensor:
     return t
 
 
+def _dense(t: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    """``t`` itself when contiguous (a kernel reads it as flat storage), else a contiguous copy;
+    ``t`` must have the launch's ``shape`` (a kernel does not broadcast)."""
+    if t.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} (the fused kernels do not broadcast)")
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -234,7 +244,7 @@ def _per_config(value, batch_shape, count: int, like: torch.Tensor):
     if not isinstance(value, torch.Tensor):
         return torch.full((1,), float(value), dtype=like.dtype, device=like.device), 0
     if value.dim() == 0 and value.dtype == like.dtype and value.device == like.device:
-        return value.view(1), 0  # the common case (a sampler's per-step scalar): no conversion
+        return value, 0  # the common case (a sampler's per-step scalar): passed as it is
     value = value.to(dtype=like.dtype, device=like.device)
     if value.numel() == 1:
         return value.reshape(1), 0
@@ -300,15 +310,21 @@ def _chunks(block_b: int, block_n: int, num_warps: int) -> int:
 
 @dataclasses.dataclass
 class LaunchPlan:
-    """One kernel launch, prepared by :meth:`FusedGeometry.plan` (see there)."""
+    """One kernel launch, prepared by :meth:`FusedGeometry.plan` (see there).
+
+    The tensor arguments are the caller's tensors when they are contiguous (the kernels address
+    them as flat ``(count, n, d)`` / ``(count, n)`` storage, which any contiguous tensor of the
+    batch shape already is), and ``out`` / ``out2`` have the shape of the input, so neither side
+    of a launch reshapes or copies. ``constexprs`` is shared between the plans of one call
+    signature: read-only.
+    """
 
     mode: int
     out: torch.Tensor
     out2: torch.Tensor | None
-    out_shape: tuple
     empty: bool
     args: list = dataclasses.field(default_factory=list)
-    constexprs: dict = dataclasses.field(default_factory=dict)
+    constexprs: Mapping = dataclasses.field(default_factory=dict)
     grid: tuple = (0,)
     num_warps: int = 4
 
@@ -317,10 +333,7 @@ class LaunchPlan:
         return self.out.dtype
 
     def outputs(self):
-        out = self.out.reshape(self.out_shape)
-        if self.mode == 3:
-            return out, self.out2.reshape(self.out_shape)
-        return out
+        return (self.out, self.out2) if self.mode == 3 else self.out
 
 
 class FusedGeometry:
@@ -362,6 +375,7 @@ class FusedGeometry:
         if chunks is not None and (not isinstance(chunks, int) or chunks < 1 or chunks & (chunks - 1)):
             raise ValueError(f"chunks must be a positive power of two, got {chunks!r}")
         self.chunks = chunks
+        self._static_plans: dict = {}  # call signature -> (grid, num_warps, constexprs); see plan()
         if path in ("triton", "interpret") and not triton_available():
             raise RuntimeError(f"path={path!r} but Triton is unavailable ({triton_error()})")
         if path == "interpret" and not interpreting():
@@ -433,53 +447,59 @@ class FusedGeometry:
         on any device, including ``meta`` tensors (:mod:`qmanifold.kernels.aot` compiles plans
         ahead of time on a machine without a GPU).
         """
-        d = self.point_dim
         ref = x if x is not None else u
         packed = offsets is not None
         if packed:
             count = offsets.shape[0] - 1
-            batch_shape = (count,)
             n = int(max_size) if max_size is not None else -(-ref.shape[0] // max(count, 1))
             one_tile = max_size is not None and n <= MAX_TILE_POINTS
-            flat = lambda t: t.contiguous()  # noqa: E731
             offs = offsets.to(device=ref.device, dtype=torch.int64).contiguous()
-            n_arg = 0
+            batch_shape = (count,)
         else:
             batch_shape = ref.shape[:-2]
             n = ref.shape[-2]
             count = math.prod(batch_shape)
             one_tile = n <= MAX_TILE_POINTS
-            flat = lambda t: t.reshape(count, n, d).contiguous()  # noqa: E731
             offs = None
-            n_arg = n
-        xf = flat(x) if x is not None else None
-        uf = flat(u) if u is not None else None
-        zf = flat(z) if z is not None else None
+        # the kernels read flat storage: a contiguous tensor of any batch shape is passed as it is
+        shape = ref.shape
+        xf = _dense(x, shape, "x") if x is not None else None
+        uf = _dense(u, shape, "the tangent vector") if u is not None else None
+        zf = _dense(z, shape, "the noise") if z is not None else None
         anyf = xf if xf is not None else uf
-        out = torch.empty_like(anyf)
-        out2 = torch.empty_like(anyf) if mode == 3 else None
-        plan = LaunchPlan(mode=mode, out=out, out2=out2, out_shape=ref.shape, empty=count == 0 or anyf.numel() == 0)
+        out = torch.empty_like(anyf, memory_format=torch.contiguous_format)
+        out2 = torch.empty_like(out) if mode == 3 else None
+        plan = LaunchPlan(mode=mode, out=out, out2=out2, empty=count == 0 or anyf.numel() == 0)
         if plan.empty:
             return plan
         has_mask = mask is not None and not packed
-        maskf = mask.reshape(count, n).contiguous().view(torch.uint8) if has_mask else anyf
-        a_t, a_st = _per_config(a, batch_shape, count, anyf)
-        s_t, s_st = _per_config(s, batch_shape, count, anyf)
-        c_t, c_st = _per_config(c, batch_shape, count, anyf)
-        l_t, l_st = _per_config(lim, batch_shape, count, anyf)
-        block_b, block_n, num_warps = _config(n, count, anyf.dtype, one_tile, self._register_weight)
-        plan.num_warps = self.num_warps or num_warps
-        chunks = min(self.chunks, block_n) if self.chunks else _chunks(block_b, block_n, plan.num_warps)
-        plan.grid = (-(-count // block_b),)
+        maskf = _dense(mask, shape[:-1], "mask").view(torch.uint8) if has_mask else anyf
+        coefficients = [*_per_config(a, batch_shape, count, anyf), *_per_config(s, batch_shape, count, anyf),
+                        *_per_config(c, batch_shape, count, anyf), *_per_config(lim, batch_shape, count, anyf)]
+        key = (mode, n, count, anyf.dtype, one_tile, has_mask, packed, lim is not None, _lane_axis_first())
+        static = self._static_plans.get(key)
+        if static is None:
+            if len(self._static_plans) >= 4096:
+                self._static_plans.clear()
+            static = self._static_plans[key] = self._static_plan(*key)
+        plan.grid, plan.num_warps, plan.constexprs = static
         plan.args = [
             xf if xf is not None else anyf, uf if uf is not None else anyf, zf if zf is not None else anyf,
             maskf, offs if offs is not None else anyf, out, out2 if out2 is not None else out,
-            a_t, a_st, s_t, s_st, c_t, c_st, l_t, l_st, _consts(anyf.dtype, anyf.device), count, n_arg,
+            *coefficients, _consts(anyf.dtype, anyf.device), count, 0 if packed else n,
         ]
-        plan.constexprs = dict(MODE=mode, CENTER=self.translations, HAS_MASK=has_mask, PACKED=packed,
-                               ONE_TILE=one_tile, TAME=lim is not None, BLOCK_B=block_b, BLOCK_N=block_n,
-                               CHUNKS=chunks, LANE_AXIS_FIRST=_lane_axis_first())
         return plan
+
+    def _static_plan(self, mode, n, count, dtype, one_tile, has_mask, packed, tame, lane_axis_first):
+        """``(grid, num_warps, constexprs)`` of a launch: everything of a plan that depends only on
+        the call's signature (cached per signature in :meth:`plan`)."""
+        block_b, block_n, num_warps = _config(n, count, dtype, one_tile, self._register_weight)
+        num_warps = self.num_warps or num_warps
+        chunks = min(self.chunks, block_n) if self.chunks else _chunks(block_b, block_n, num_warps)
+        constexprs = dict(MODE=mode, CENTER=self.translations, HAS_MASK=has_mask, PACKED=packed,
+                          ONE_TILE=one_tile, TAME=tame, BLOCK_B=block_b, BLOCK_N=block_n, CHUNKS=chunks,
+                          LANE_AXIS_FIRST=lane_axis_first)
+        return (-(-count // block_b),), num_warps, types.MappingProxyType(constexprs)
 
     def _launch(self, mode: int, x, u=None, z=None, mask=None, offsets=None, *, a=None, s=None, c=None,
                 lim=None, max_size=None, path=None):
@@ -502,9 +522,6 @@ class FusedGeometry:
             if path == "interpret":
                 ks.jit()[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs,
                                     **LAUNCH_OPTIONS)
-            elif plan.out.is_cuda and plan.out.device.index != torch.cuda.current_device():
-                with torch.cuda.device(plan.out.device):  # Triton launches on the current device
-                    ks.launcher.launch(plan, dtype_tl)
             else:
                 ks.launcher.launch(plan, dtype_tl)
         except Exception as exc:

@@ -164,9 +164,9 @@ def rebind(functions: dict, namespace: dict) -> dict:
 
 def _as_arg(a):
     if isinstance(a, torch.Tensor):
-        if a.dim() == 0 or not a.is_contiguous():
-            raise ValueError("kernel tensor arguments must be contiguous with at least one dimension")
-        return Pointer(a.view(-1), 0)
+        if not a.is_contiguous():
+            raise ValueError("kernel tensor arguments must be contiguous")
+        return Pointer(a.reshape(-1), 0)
     return a
 
 

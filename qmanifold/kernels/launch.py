@@ -88,8 +88,8 @@ def _hooks_clear(runtime) -> bool:
     if runtime is None:  # Triton < 3.4 keeps the hooks elsewhere: let Triton launch
         return False
     # each hook is None, or (Triton >= 3.5) a HookChain, empty unless a profiler registered a call
-    return all(getattr(hook, "calls", hook) in (None, [])
-               for hook in (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None)))
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return getattr(enter, "calls", enter) in (None, []) and getattr(leave, "calls", leave) in (None, [])
 
 
 class DirectLauncher:
@@ -131,15 +131,21 @@ class DirectLauncher:
                 c["BLOCK_N"], c["CHUNKS"], c["LANE_AXIS_FIRST"], plan.num_warps, device_index)
 
     def launch(self, plan, dtype_tl) -> None:
-        """Launch ``plan`` on the current CUDA device: directly when its specialisation was compiled
-        before, through Triton otherwise (which compiles it, and is remembered)."""
+        """Launch ``plan`` on its tensors' CUDA device (made current for the launch if it is not):
+        directly when its specialisation was compiled before, through Triton otherwise (which
+        compiles it, and is remembered)."""
         if self._driver is None:
             self._driver = self.triton.runtime.driver.active
             self._runtime = getattr(getattr(self.triton, "knobs", None), "runtime", None)
         device = self._driver.get_current_device()
-        direct = self.usable and _hooks_clear(self._runtime)
-        key = self.key(plan, device) if direct else None
-        entry = self.compiled.get(key) if direct else None
+        target = plan.out.device.index
+        if target is not None and target != device:
+            import torch
+
+            with torch.cuda.device(target):  # Triton and its launcher use the current device
+                return self.launch(plan, dtype_tl)
+        key = self.key(plan, device) if self.usable and _hooks_clear(self._runtime) else None
+        entry = self.compiled.get(key) if key is not None else None
         if entry is not None:
             compiled, constexpr_values = entry
             compiled.run(plan.grid[0], 1, 1, self._driver.get_current_stream(device), compiled.function,
@@ -148,6 +154,6 @@ class DirectLauncher:
             return
         compiled = self.jit_fn[plan.grid](*plan.args, DTYPE=dtype_tl, num_warps=plan.num_warps, **plan.constexprs,
                                           **LAUNCH_OPTIONS)
-        if direct and compiled is not None and hasattr(compiled, "packed_metadata"):
+        if key is not None and compiled is not None and hasattr(compiled, "packed_metadata"):
             values = dict(plan.constexprs, DTYPE=dtype_tl)
             self.compiled[key] = (compiled, tuple(values[name] for name in self.constexpr_names))

@@ -367,6 +367,41 @@ def test_generated_source_is_sparse_and_cached():
     assert FusedGeometry(groups.SE2, path="emulate").kernels is FusedGeometry(groups.SE2, path="emulate").kernels
 
 
+@pytest.mark.parametrize("path_device", PATHS)
+def test_launch_reads_contiguous_operands_in_place_and_copies_the_rest(path_device):
+    """A plan passes contiguous operands of any batch shape (and a sampler's 0-dim coefficients) to
+    the kernel as they are and returns outputs of the input's shape, so a launch neither reshapes
+    nor copies; non-contiguous operands are copied (same results); operands of another shape are
+    refused (a kernel does not broadcast). Plans of one call signature share their constexprs."""
+    path, device = path_device
+    geom, ref = fused(groups.SE3, path), oracle(groups.SE3)
+    x, v, z, mask = data(groups.SE3, (2, 3), 7, F64, device)
+    dt = torch.tensor(0.05, dtype=F64, device=device)
+    plan = geom.plan(4, x, v, z, mask, a=dt, s=dt, c=dt, lim=dt)
+    assert plan.args[0] is x and plan.args[1] is v and plan.args[2] is z and plan.args[7] is dt
+    assert plan.args[3].data_ptr() == mask.data_ptr() and plan.args[3].dtype == torch.uint8
+    assert plan.out.shape == x.shape and plan.out.is_contiguous()
+    strided = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (x, v, mask)]  # same values
+    assert not any(t.is_contiguous() for t in strided)
+    xs, vs, ms = strided
+    plan = geom.plan(3, xs, vs, mask=ms)
+    assert plan.args[0] is not xs and plan.args[0].is_contiguous() and torch.equal(plan.args[0], x)
+    p, h = geom.projection_and_curvature(vs, xs, ms)
+    torch.testing.assert_close(p, ref.horizontal_projection(v, x, mask), **tol(F64))
+    torch.testing.assert_close(h, ref.mean_curvature(x, mask), **tol(F64))
+    torch.testing.assert_close(geom.lifted_update(xs, vs, vs, dt, dt, dt, ms),
+                               ref.lifted_update(x, v, v, dt, dt, dt, mask), **tol(F64))
+    with pytest.raises(ValueError, match=r"tangent vector has shape \(1, 3, 7, 3\), expected \(2, 3, 7, 3\)"):
+        geom.plan(1, x, v[:1])
+    with pytest.raises(ValueError, match="mask has shape"):
+        geom.plan(1, x, v, mask=mask[..., :-1])
+    first, second = geom.plan(1, x, v, mask=mask), geom.plan(1, x.clone(), v.clone(), mask=mask.clone())
+    assert first.constexprs is second.constexprs and first.grid == second.grid
+    assert geom.plan(1, x[:1], v[:1], mask=mask[:1]).constexprs["BLOCK_B"] < first.constexprs["BLOCK_B"]
+    with pytest.raises(TypeError):
+        first.constexprs["MODE"] = 3  # shared between plans: read-only
+
+
 def test_paths_and_status():
     with pytest.raises(ValueError, match="path"):
         FusedGeometry(groups.SE3, path="nope")
