@@ -472,6 +472,7 @@ def test_fused_quotient_step_launches_no_more_kernels_than_conventional(sampler,
             fused_launches.append(plan.constexprs["MODE"])
 
     monkeypatch.setattr(K, "_triton", lambda: (None, type("tl", (), {"float32": "fp32", "float64": "fp64"})))
+    monkeypatch.setattr(K, "_lane_axis_first", lambda: False)  # (it would read the stubbed Triton's version)
     q = Quotient(groups.SE3, backend="fused")
     monkeypatch.setattr(q._fused, "runs", lambda x: "triton")
     monkeypatch.setattr(q._fused.kernels, "_launcher", CountingLauncher())
