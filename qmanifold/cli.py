@@ -51,7 +51,7 @@ def _add_verify(subparsers) -> None:
     p.add_argument(
         "--trained", action="store_true",
         help="run the trained-model check instead: train a non-equivariant MLP with the quotient, conventional "
-        "and aligned losses on the SO(2)/SE(3) toys and compare their samples (about 10 min; with --quick, 1 min)",
+        "and aligned losses on the SO(2)/SE(3) toys and compare their samples (about 10 min; --quick is a smoke test of the pipeline on SO(2) only, ~15 s, whose numbers mean nothing)",
     )
     p.set_defaults(func=_run_verify)
 

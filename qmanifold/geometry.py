@@ -6,7 +6,7 @@ bool ``mask`` of shape ``(..., N)`` and the lowered coefficients of a group (see
 device follow ``x``; nothing synchronises with the host and nothing branches on data, so the ops
 work under autograd, ``torch.compile`` and ``vmap``.
 
-Conventions (DESIGN.md section 1):
+Conventions (docs/geometry.md, "Conventions"):
 
 * translations are removed by centring: with ``translations=True`` every vector that is projected
   is first made mean-free over the real points, and the rotation-like fields are evaluated at the

@@ -12,7 +12,7 @@ Compared with a padded ``(B, N_max, d)`` batch and a mask, nothing is stored, re
 padding; this is the natural layout for molecules of very different sizes (QM9 + drugs + proteins
 in one batch) and for graph networks that already use segment ids.
 
-The functional ops mirror :class:`~qmanifold.Quotient` (same conventions, DESIGN.md section 1):
+The functional ops mirror :class:`~qmanifold.Quotient` (same conventions, docs/geometry.md, "Conventions"):
 :func:`center`, :func:`horizontal_projection`, :func:`mean_curvature`,
 :func:`projection_and_curvature` and :func:`lifted_update`. ``group`` is a
 :class:`~qmanifold.lie.LieGroup` or a :class:`~qmanifold.Quotient`. On CUDA with Triton they run

@@ -3,7 +3,7 @@ r"""Stochastic differential equations on configurations, their quotient lift, an
 An :class:`SDE` is ``dx = f(x, t) dt + sigma(t) dW`` on configurations ``x`` of shape
 ``(..., N, d)``. For an equivariant drift and an invariant initial law it induces a diffusion on the
 quotient M/G. :meth:`qmanifold.Quotient.lift` realises that diffusion on M with no vertical motion
-(Theorems 2 and 4 of Xu et al., ICLR 2026; DESIGN.md section 1)::
+(Theorems 2 and 4 of Xu et al., ICLR 2026; docs/geometry.md, "Conventions")::
 
     dx = [ P_x f(x, t) - (sigma(t)^2 / 2) h(x) ] dt + sigma(t) P_x dW      (Ito)
 

@@ -4,5 +4,5 @@
 # All options are forwarded to scripts/compare_losses.py (see --help); the exact CLI commands it
 # runs are written to OUT/commands.sh, the table to OUT/table.md.
 set -e
-cd "$(dirname "$0")/.."
-exec python scripts/compare_losses.py "$@"
+# relative paths (--out) are the caller's: no cd
+exec python "$(dirname "$0")/compare_losses.py" "$@"

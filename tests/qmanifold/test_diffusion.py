@@ -544,7 +544,7 @@ class VelocityOf(nn.Module):
 def test_velocity_prediction_loss_relation(loss):
     # For x_t = (1-t) eps + t x1: v(D) - v_target = (D - x1)/(1 - t). So the *unweighted* velocity
     # MSE of the equivalent velocity network equals the x1-loss with the "velocity" weight
-    # 1/(1-t)^2, sample by sample (DESIGN.md: the v-loss is || P(v_theta - v_t) ||^2).
+    # 1/(1-t)^2, sample by sample (docs/geometry.md, "Conventions": the v-loss is || P(v_theta - v_t) ||^2).
     x1 = torch.randn(6, 5, 3, generator=gen(17), dtype=F64)
     mask = random_mask(6, 5, [3, 4, 5, 5, 4, 3], gen(18))
     t = torch.linspace(0.05, 0.95, 6, dtype=F64)

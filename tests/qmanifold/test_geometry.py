@@ -1,6 +1,6 @@
 """Property and comparison tests of the bundle geometry (projection, curvature, orbit volume).
 
-Every group is tested through the same properties (DESIGN.md section 3): P idempotent, P kills
+Every group is tested through the same properties (one shared property suite): P idempotent, P kills
 vertical fields, P v orthogonal to the orbit (zero linear and angular momentum), equivariance,
 h horizontal and equal to -1/2 grad log det Gram (autograd), batched = per item, masked = unpadded.
 """

@@ -48,7 +48,7 @@ SE3 = Quotient(groups.SE3)
 # Why the law is known. Brownian motion B_t on the centre-of-mass-free subspace V (dimension
 # 3(N-1)) has a generator (1/2 Laplacian) that commutes with every rigid motion, so its image in the
 # quotient V/SO(3) is itself a Markov diffusion whose law depends on the starting point only
-# through its orbit. Theorems 2 and 4 of Xu et al. (DESIGN.md section 1) say that the lifted SDE
+# through its orbit. Theorems 2 and 4 of Xu et al. (docs/geometry.md, "Conventions") say that the lifted SDE
 #     dx = -(1/2) h(x) dt + P_x dW          (sigma = 1, zero drift)
 # started anywhere on that orbit projects to the *same* quotient diffusion. Every rigid-motion
 # invariant (pairwise distances, |x|) is a function on the quotient, so its law under the lifted
