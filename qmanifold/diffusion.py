@@ -458,7 +458,13 @@ class QuotientDiffusion(nn.Module):
         if sampler == "ode":
             sde = SDE(drift=lambda x, t, mask=None: self.velocity(x, t, mask, **cond), diffusion=0)
         else:
-            eta_fn = self._eta(eta)
+            eta_of_t = self._eta(eta)
+            last = {}
+
+            def eta_fn(t):  # a step's drift and diffusion get the same t: evaluate eta(t) once
+                if last.get("t") is not t:
+                    last["t"], last["eta"] = t, eta_of_t(t)
+                return last["eta"]
 
             def drift(x, t, mask=None):
                 v, s = self.velocity_and_score(x, t, mask, **cond)

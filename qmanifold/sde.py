@@ -142,15 +142,17 @@ class ProjectedSDE:
         """Whether :meth:`fused_step` runs a fused kernel for states like ``x``."""
         return self.fused is not None and self.fused.accepts(x) and not (torch.is_grad_enabled() and x.requires_grad)
 
-    def fused_step(self, x, f, t, dt, z, noise_scale, mask=None, tame_curvature: bool = True):
+    def fused_step(self, x, f, t, dt, z, noise_scale, mask=None, tame_curvature: bool = True, sigma=None):
         """One lifted Euler(-Maruyama) step in one kernel, for the raw drift ``f = sde.drift(x, t)``:
         the same arithmetic as :func:`integrate`,
-        ``x + dt P_x(f) + s P_x(z) + tame(-c (sigma^2/2) dt h(x), s)`` (ODE: ``x + dt P_x(f)``)."""
+        ``x + dt P_x(f) + s P_x(z) + tame(-c (sigma^2/2) dt h(x), s)`` (ODE: ``x + dt P_x(f)``).
+        ``sigma``: ``sigma(t)`` in ``x``'s dtype when the caller has it (else evaluated here)."""
         if self.is_ode:
             return self.fused.euler_update(x, f, dt, mask)
         coeff = 0.0
         if self._curvature is not None and self.curvature_factor != 0.0:
-            coeff = -self.curvature_factor * 0.5 * self.sde.sigma(t).to(x.dtype).square() * dt
+            sigma = self.sde.sigma(t).to(x.dtype) if sigma is None else sigma
+            coeff = -self.curvature_factor * 0.5 * sigma.square() * dt
         return self.fused.lifted_update(x, f, z, dt, noise_scale, coeff, mask,
                                         tame_limit=noise_scale if tame_curvature else None)
 
@@ -257,11 +259,12 @@ def integrate(
         dt = times[i + 1] - times[i]
         if fused:
             f = sde.sde.drift(x, t, mask)  # the network call comes before the noise draw, as below
-            z = noise_scale = None
+            z = noise_scale = sigma = None
             if not sde.is_ode:
                 z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-                noise_scale = sde.sigma(t).to(x.dtype) * dt.abs().sqrt()
-            x = sde.fused_step(x, f, t, dt, z, noise_scale, mask, tame_curvature)
+                sigma = sde.sigma(t).to(x.dtype)  # once per step: the noise scale and the curvature
+                noise_scale = sigma * dt.abs().sqrt()
+            x = sde.fused_step(x, f, t, dt, z, noise_scale, mask, tame_curvature, sigma=sigma)
             if trajectory is not None:
                 trajectory.append(x)
             if callback is not None:

@@ -763,3 +763,24 @@ def test_samplers_have_no_host_sync(sampler, geometry, monkeypatch):
     monkeypatch.setattr(D._FiniteMonitor, "check", lambda self: reads.append(self.calls))
     QuotientDiffusion(SE3, net, LINEAR).sample(mask=mask, steps=3, sampler=sampler, geometry=geometry, device="meta")
     assert len(reads) == 1 and reads[0] >= 3
+
+
+@pytest.mark.parametrize("backend", ["fast", "fused"])
+@pytest.mark.parametrize("geometry", ["quotient", "conventional"])
+def test_sde_sampler_evaluates_the_noise_level_once_per_step(backend, geometry):
+    """The drift (``v + eta s``), the diffusion (``sqrt(2 eta)``) and, in the fused step, the
+    curvature coefficient of one step share ``eta(t)``: one evaluation per step, not three."""
+    quotient = Quotient(groups.SE3, backend=backend)
+    if backend == "fused":
+        quotient._fused.path = "emulate"  # the fused step on CPU tensors
+    calls = []
+
+    def eta(t):
+        calls.append(t)
+        return 0.5 * torch.ones_like(t)
+
+    model = QuotientDiffusion(quotient, _LinearDenoiser().double(), LINEAR)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    model.sample(mask=mask, steps=7, sampler="sde", geometry=geometry, eta=eta, dtype=torch.float64,
+                 generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 7
