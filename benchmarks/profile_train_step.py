@@ -95,7 +95,13 @@ def profile_losses(device: torch.device, *, quick: bool, steps: int, batch: int,
     print(f"{'operator':<60} " + " ".join(f"{k:>13}" for k in LOSSES))
     for name, times in diffs[:top]:
         print(f"{name[:60]:<60} " + " ".join(f"{times.get(k, 0.0):>13.1f}" for k in LOSSES))
-    return {"summary": summary, "top_differences": [{"op": n, **t} for n, t in diffs[:top]]}
+    from qmanifold.kernels import status
+
+    broken = status()["broken_kernels"]
+    if broken:  # then the quotient loss's projection ran the torch path: ~100 small ops instead of 2 launches
+        print(f"\nWARNING: fused kernels fell back to the torch path: {broken}")
+    return {"summary": summary, "top_differences": [{"op": n, **t} for n, t in diffs[:top]],
+            "fused_fallback": broken}
 
 
 def main(argv=None) -> dict:

@@ -313,10 +313,22 @@ def run(args) -> list[dict]:
         records.append(rec)
         print(f"copy bandwidth: {copy_bps / 1e9:.1f} GB/s (read + write of {nbytes >> 20} MiB)")
 
+    reported_fallbacks: set = set()
+
     def emit(rec):
         rec.setdefault("device", str(device))
+        # a fused kernel that failed to compile sends every later op of that kernel to the torch
+        # path: the records from then on do not measure the fused default, and say so
+        broken = status()["broken_kernels"]
+        if broken:
+            rec["fused_fallback"] = broken
         records.append(rec)
         print(_row(rec), flush=True)
+        for name, error in broken.items():
+            if name not in reported_fallbacks:
+                reported_fallbacks.add(name)
+                print(f"WARNING: the fused {name} kernel failed to compile ({error}); this row and every later "
+                      "one ran its torch path (marked fused_fallback in --json)", flush=True)
 
     def compare(comparison, fa, fb, a, b, size, nbytes=None, mem=True, device_times=None):
         """Time ``fa`` against ``fb``; ``device_times`` (default: when ``nbytes`` is given) adds the
@@ -449,9 +461,6 @@ def run(args) -> list[dict]:
                     # from a user generator, which CUDA-graph capture refuses.
                     compare(comp, fa, fb, "quotient", "conventional", size, mem=False,
                             device_times=sampler == "ode")
-    st = status()
-    if st["broken_kernels"]:
-        print(f"WARNING: fused kernels fell back to torch: {st['broken_kernels']}")
     return records
 
 

@@ -49,6 +49,22 @@ def test_bench_pairs_are_the_ones_the_issue_names(quick_records):
     assert 0 < by_name["projection"]["a_copy_fraction"] < 1.5  # bytes / time / copy bandwidth
 
 
+def test_bench_marks_records_after_a_fused_kernel_fell_back(monkeypatch, capsys, tmp_path):
+    """A fused kernel that failed to compile sends its later ops to the torch path; the rows timed
+    from then on carry ``fused_fallback`` and the run prints a warning naming the kernel."""
+    import qmanifold.kernels as K
+
+    monkeypatch.setattr(K, "_BROKEN", {"se3": "CompilationError: (stand-in)"})
+    torch.set_num_threads(1)
+    path = tmp_path / "bench.json"
+    assert cli_main(["bench", "--quick", "--repeats", "1", "--sections", "projection", "--json", str(path)]) == 0
+    records = json.loads(path.read_text())
+    timed = [r for r in records if r["comparison"] != "copy"]  # (the copy bandwidth is no kernel of ours)
+    assert timed and all(r["fused_fallback"] == {"se3": "CompilationError: (stand-in)"} for r in timed)
+    out = capsys.readouterr().out
+    assert out.count("WARNING: the fused se3 kernel failed to compile") == 1
+
+
 def test_bench_rejects_cuda_without_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the error path is for machines without one")
