@@ -234,23 +234,10 @@ def build_denoiser(name: str, device, dtype, **kwargs) -> torch.nn.Module:
 
 def one_step(model, sampler: str, geometry: str, x, mask, cond, t0: float, t1: float, gen) -> Callable:
     """A function doing exactly what ``QuotientDiffusion.sample`` does per Euler(-Maruyama) step."""
-    from .sde import SDE, integrate
+    from .sde import integrate
 
-    q = model.quotient
-    if sampler == "ode":
-        sde = SDE(drift=lambda x, t, mask=None: model.velocity(x, t, mask, **cond), diffusion=0)
-    else:
-        interp = model.interpolant
-
-        def eta_fn(t):  # the sampler's default noise level eta(t) = ahat(t)^2
-            return interp.ahat(t).square()
-
-        def drift(x, t, mask=None):
-            v, s = model.velocity_and_score(x, t, mask, **cond)
-            return v + eta_fn(t).to(x.dtype).reshape(-1, 1, 1) * s
-
-        sde = SDE(drift=drift, diffusion=lambda t: torch.sqrt(2.0 * eta_fn(t)))
-    lifted = q.lift(sde) if geometry == "quotient" else q.conventional(sde)
+    # the same SDE and lift as sample(sampler=..., geometry=...) with the default noise level
+    lifted = model._projected(model._em_sde(sampler, None, cond), geometry, 1.0)
     times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
 
     def step():

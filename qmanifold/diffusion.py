@@ -454,26 +454,30 @@ class QuotientDiffusion(nn.Module):
             return self.quotient.lift(sde, curvature_factor=curvature_factor)
         return self.quotient.conventional(sde)
 
-    def _sample_em(self, x0, times, mask, sampler, eta, geometry, generator, trajectory, callback, curvature_factor, cond):
+    def _em_sde(self, sampler: str, eta, cond: dict) -> SDE:
+        """The SDE that :meth:`sample` integrates with Euler(-Maruyama) for ``sampler`` ``"ode"``
+        (the probability-flow ODE ``dx = v dt``) or ``"sde"`` (``dx = [v + eta s] dt + sqrt(2 eta) dW``),
+        before its lift."""
         if sampler == "ode":
-            sde = SDE(drift=lambda x, t, mask=None: self.velocity(x, t, mask, **cond), diffusion=0)
-        else:
-            eta_of_t = self._eta(eta)
-            last = {}
+            return SDE(drift=lambda x, t, mask=None: self.velocity(x, t, mask, **cond), diffusion=0)
+        eta_of_t = self._eta(eta)
+        last = {}
 
-            def eta_fn(t):  # a step's drift and diffusion get the same t: evaluate eta(t) once
-                if last.get("t") is not t:
-                    last["t"], last["eta"] = t, eta_of_t(t)
-                return last["eta"]
+        def eta_fn(t):  # a step's drift and diffusion get the same t: evaluate eta(t) once
+            if last.get("t") is not t:
+                last["t"], last["eta"] = t, eta_of_t(t)
+            return last["eta"]
 
-            def drift(x, t, mask=None):
-                v, s = self.velocity_and_score(x, t, mask, **cond)
-                return v + eta_fn(t).to(x.dtype).reshape(-1, 1, 1) * s
+        def drift(x, t, mask=None):
+            v, s = self.velocity_and_score(x, t, mask, **cond)
+            return v + eta_fn(t).to(x.dtype).reshape(-1, 1, 1) * s
 
-            sde = SDE(drift=drift, diffusion=lambda t: torch.sqrt(2.0 * eta_fn(t)))
+        return SDE(drift=drift, diffusion=lambda t: torch.sqrt(2.0 * eta_fn(t)))
+
+    def _sample_em(self, x0, times, mask, sampler, eta, geometry, generator, trajectory, callback, curvature_factor, cond):
         return integrate(
-            self._projected(sde, geometry, curvature_factor), x0, times=times, mask=mask,
-            generator=generator, return_trajectory=trajectory, callback=callback,
+            self._projected(self._em_sde(sampler, eta, cond), geometry, curvature_factor), x0, times=times,
+            mask=mask, generator=generator, return_trajectory=trajectory, callback=callback,
         )
 
     def _sample_heun(self, x0, times_host, mask, sampler, churn, geometry, generator, trajectory, callback,

@@ -251,7 +251,6 @@ def _per_config(value, batch_shape, count: int, like: torch.Tensor):
     return value.expand(batch_shape).reshape(count).contiguous(), 1
 
 
-@functools.lru_cache(maxsize=4096)
 def _config(n: int, count: int, dtype, one_tile: bool, register_weight: float = 1.0):
     """``(BLOCK_B, BLOCK_N, num_warps)`` for configurations of ``n`` points.
 
