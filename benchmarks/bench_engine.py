@@ -149,8 +149,8 @@ def _header(device, dtype, size, repeats) -> str:
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     lines = [
-        f"qmanifold engine benchmark  |  torch {torch.__version__}  |  device {device} ({name})  |  "
-        f"threads {threads}  |  {dtype}  |  {size}  |  {repeats} alternating blocks, median per call",
+        (f"qmanifold engine benchmark  |  torch {torch.__version__}  |  device {device} ({name})  |  "
+         f"threads {threads}  |  {dtype}  |  {size}  |  {repeats} alternating blocks, median per call"),
         f"{'comparison':<34} {'a':<28} {'b':<22} {'a median':>11} {'b median':>11} {'a/b':>7} {'overhead':>9}",
         "-" * 130,
     ]

@@ -64,7 +64,7 @@ def _sweep_group(device, group, group_name, sizes, variants, FusedGeometry, comp
                 t = device_time(fn, device)
                 try:
                     regs = compile_op(geom, mode, points=points, batch=batch, masked=False, arch=90).registers
-                except Exception:  # the register report is a convenience
+                except Exception:  # noqa: BLE001 - the register report is a convenience
                     regs = -1
                 plan = geom.plan(mode, x, v if mode != 2 else None, z if mode == 4 else None,
                                  a=s if mode == 4 else None)

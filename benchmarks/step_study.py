@@ -174,8 +174,8 @@ def summarise(records: list[dict], reference_steps: int) -> tuple[str, list[dict
                      "diff_vs_reference": diff, "diff_se": diff_se, "paired_seeds": paired,
                      "min_p": min(r["p_value"] for r in rs), "all_pass": all(r["passed"] for r in rs),
                      "seeds": len(rs)})
-    lines = [f"{'case':<6} {'sampler':<9} {'steps':>6} {'NFE':>6} {'effect':>8} {'± se':>7} "
-             f"{'- EM ref':>9} {'± se':>7} {'min p':>8} {'pass':>5}"]
+    lines = [(f"{'case':<6} {'sampler':<9} {'steps':>6} {'NFE':>6} {'effect':>8} {'± se':>7} "
+              f"{'- EM ref':>9} {'± se':>7} {'min p':>8} {'pass':>5}")]
     for row in rows:
         lines.append(f"{row['case']:<6} {row['sampler']:<9} {row['steps']:>6} {row['nfe']:>6} {row['effect_size']:>8.4f} "
                      f"{row['effect_se']:>7.4f} {row['diff_vs_reference']:>+9.4f} {row['diff_se']:>7.4f} "
@@ -240,7 +240,10 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     cases = args.cases or (["so2"] if args.quick else ["so2", "se3"])
     seeds = 1 if args.quick else args.seeds
-    ints = lambda text: [int(t) for t in text.split(",") if t]  # noqa: E731
+
+    def ints(text):
+        return [int(t) for t in text.split(",") if t]
+
     grids = {"em": ints(args.em_steps), "em_pow": ints(args.em_pow_steps), "heun": ints(args.heun_steps),
              "heun_pow": ints(args.heun_pow_steps), "edm_pow": ints(args.edm_pow_steps)}
     if args.reference_steps not in grids["em"] and not args.no_reference:

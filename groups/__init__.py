@@ -12,6 +12,6 @@ name                      acts on                                               
 ========================  ==========================================================  ==========
 """
 
-from .definitions import SE2, SE3, SO2, SO3, SE3xS_N, Lattice, Permutations, Torus, so3_generators
+from .definitions import SE2, SE3, SO2, SO3, Lattice, Permutations, SE3xS_N, Torus, so3_generators
 
 __all__ = ["SO3", "SE3", "SO2", "SE2", "Torus", "Permutations", "Lattice", "SE3xS_N", "so3_generators"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import sympy
 
@@ -14,7 +14,7 @@ __all__ = ["SO3", "SE3", "SO2", "SE2", "Torus", "Permutations", "Lattice", "SE3x
 
 def so3_generators() -> list[sympy.Matrix]:
     """Cross-product generators ``(L_a)_ij = -epsilon_aij``, i.e. ``L_a x = e_a x x``."""
-    return [sympy.Matrix(3, 3, lambda i, j: -sympy.LeviCivita(a, i, j)) for a in range(3)]
+    return [sympy.Matrix(3, 3, lambda i, j, a=a: -sympy.LeviCivita(a, i, j)) for a in range(3)]
 
 
 J2 = sympy.Matrix([[0, -1], [1, 0]])
@@ -26,7 +26,7 @@ SE2 = LieGroup("SE(2)", 2, generators=[J2], translations=True)
 SE3xS_N = ProductGroup(SE3, Permutations(), name="SE(3) x S_N")
 
 
-@lru_cache(maxsize=None)
+@cache
 def Torus(k: int) -> LieGroup:
     """The k-torus of phases acting on C^k = R^{2k}: ``z_j -> exp(i phi_j) z_j`` on every point.
 

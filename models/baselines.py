@@ -18,11 +18,11 @@ are left as embedded (counted in the returned statistics).
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from models.sampling import MolGraph, MoleculeInputError, template_mol
+from models.sampling import MoleculeInputError, MolGraph, template_mol
 
 __all__ = ["METHODS", "etkdg_conformers", "baseline_conformers"]
 

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["register", "main", "cmd_train", "cmd_sample", "cmd_evaluate", "cmd_baseline"]
 

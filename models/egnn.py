@@ -54,8 +54,6 @@ input (needed for data prediction at small ``t``) in a single equivariant step.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -200,9 +198,9 @@ class EGNNDenoiser(DenoiserBase):
         x_t: Tensor,
         t: Tensor,
         *,
-        mask: Optional[Tensor] = None,
-        atom_types: Optional[Tensor] = None,
-        bond_types: Optional[Tensor] = None,
+        mask: Tensor | None = None,
+        atom_types: Tensor | None = None,
+        bond_types: Tensor | None = None,
     ) -> Tensor:
         """``(B, N, 3), (B,) -> (B, N, 3)``, centred over real atoms, zero at padding."""
         inp = prepare_denoiser_inputs(

@@ -25,7 +25,7 @@ All helpers keep the device and dtype of their inputs.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -248,13 +248,13 @@ def _check_index_tensor(name: str, value: Tensor, shape: tuple[int, ...], owner:
 def prepare_denoiser_inputs(
     x_t: Tensor,
     t: Tensor,
-    mask: Optional[Tensor],
-    atom_types: Optional[Tensor],
-    bond_types: Optional[Tensor],
+    mask: Tensor | None,
+    atom_types: Tensor | None,
+    bond_types: Tensor | None,
     *,
     num_atom_types: int,
     num_bond_types: int,
-    param_dtype: Optional[torch.dtype] = None,
+    param_dtype: torch.dtype | None = None,
     owner: str = "denoiser",
 ) -> DenoiserInputs:
     r"""Validate and normalise the inputs of a denoiser call.

@@ -37,7 +37,8 @@ import json
 import math
 import os
 from collections import defaultdict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -181,7 +182,7 @@ def read_sdf_records(path: str | os.PathLike) -> list[dict]:
                 raise ValueError(f"{path}: record {k} cannot be parsed by RDKit")
             try:
                 Chem.SanitizeMol(mol)
-            except Exception:
+            except Exception:  # noqa: BLE001 - RDKit's sanitisation errors have no common base
                 mol.UpdatePropertyCache(strict=False)
                 Chem.FastFindRings(mol)
             if mol.GetNumConformers() == 0:
@@ -510,7 +511,7 @@ def plot_evaluation(result: Mapping[str, Any], out_dir: str | os.PathLike, title
         if not keys:
             continue
         cols = min(3, len(keys))
-        rows = int(math.ceil(len(keys) / cols))
+        rows = math.ceil(len(keys) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
         for ax, key in zip(axes.ravel(), keys):
             g = np.asarray(gen.get(key, []))

@@ -36,8 +36,9 @@ mismatch between a graph and its coordinates, NaN coordinates. Nothing is writte
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,7 +153,7 @@ def graph_from_smiles(smiles: str, elements: Sequence[int], heavy_atoms_only: bo
             raise MoleculeInputError(f"malformed SMILES {smiles!r}: RDKit cannot parse it")
         try:
             Chem.SanitizeMol(mol)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - RDKit's sanitisation errors have no common base
             raise MoleculeInputError(f"RDKit cannot sanitise the molecule {smiles!r}: {exc}") from None
     finally:
         RDLogger.EnableLog("rdApp.*")
@@ -236,6 +237,10 @@ def _transfer_from_smiles(mol, smiles: str, heavy_atoms_only: bool) -> bool:
     return True
 
 
+# (atomic number, total bond order) -> formal charge, for the cases _guess_charges recognises
+_VALENCE_CHARGES = {(7, 4.0): 1, (8, 3.0): 1, (8, 1.0): -1, (6, 3.0): -1}
+
+
 def _guess_charges(mol) -> None:
     """Formal charges from valences for all-explicit-H graphs without SMILES (non-aromatic atoms)."""
     for a in mol.GetAtoms():
@@ -243,14 +248,9 @@ def _guess_charges(mol) -> None:
             continue
         val = sum(b.GetBondTypeAsDouble() for b in a.GetBonds())
         z = a.GetAtomicNum()
-        if z == 7 and val == 4:
-            a.SetFormalCharge(1)
-        elif z == 8 and val == 3:
-            a.SetFormalCharge(1)
-        elif z == 8 and val == 1:
-            a.SetFormalCharge(-1)
-        elif z == 6 and val == 3:
-            a.SetFormalCharge(-1)
+        charge = _VALENCE_CHARGES.get((z, val))
+        if charge is not None:
+            a.SetFormalCharge(charge)
 
 
 def template_mol(graph: MolGraph):
@@ -287,14 +287,14 @@ def template_mol(graph: MolGraph):
     mol = rw.GetMol()
     mol.UpdatePropertyCache(strict=False)
     Chem.FastFindRings(mol)
-    if not (graph.smiles and _transfer_from_smiles(mol, graph.smiles, graph.heavy_atoms_only)):
-        if not graph.heavy_atoms_only:
-            _guess_charges(mol)
+    if (not (graph.smiles and _transfer_from_smiles(mol, graph.smiles, graph.heavy_atoms_only))
+            and not graph.heavy_atoms_only):
+        _guess_charges(mol)
     RDLogger.DisableLog("rdApp.*")
     try:
         Chem.SanitizeMol(mol)
         sanitized = True
-    except Exception:
+    except Exception:  # noqa: BLE001 - RDKit's sanitisation errors have no common base
         mol.UpdatePropertyCache(strict=False)
         Chem.FastFindRings(mol)
         sanitized = False

@@ -38,7 +38,6 @@ output head is ``LN -> Linear(H, 3)``, masked and re-centred.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -182,9 +181,9 @@ class TransformerDenoiser(DenoiserBase):
         x_t: Tensor,
         t: Tensor,
         *,
-        mask: Optional[Tensor] = None,
-        atom_types: Optional[Tensor] = None,
-        bond_types: Optional[Tensor] = None,
+        mask: Tensor | None = None,
+        atom_types: Tensor | None = None,
+        bond_types: Tensor | None = None,
     ) -> Tensor:
         """``(B, N, 3), (B,) -> (B, N, 3)``, centred over real atoms, zero at padding."""
         inp = prepare_denoiser_inputs(

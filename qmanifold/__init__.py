@@ -12,6 +12,7 @@ Reference: Xu et al., "Quotient-space diffusion models", ICLR 2026 (arXiv 2604.2
 """
 
 from ._validation import check_finite, finite_checks
+from .diffusion import QuotientDiffusion
 from .discrete import Lattice, Permutations, ProductElement, ProductGroup
 from .lie import GroupElement, LieGroup, haar_so3, haar_special_orthogonal, kabsch_rotation
 from .manifolds import Euclidean
@@ -19,7 +20,6 @@ from .masking import center
 from .quotient import Quotient
 from .schedules import GeneralInterpolant, HarmonicPrior, Interpolant, available_interpolants, make_interpolant
 from .sde import SDE, ProjectedSDE, integrate
-from .diffusion import QuotientDiffusion
 
 __version__ = "0.1.0"
 

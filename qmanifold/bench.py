@@ -33,7 +33,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -166,7 +166,7 @@ def device_time(fn: Callable, device: torch.device, *, calls: int = 20, replays:
             per_call.append(start.elapsed_time(end) / 1e3 / (replays * calls))
         del graph
         return statistics.median(per_call)
-    except Exception as exc:  # not capturable: report wall time only
+    except Exception as exc:  # noqa: BLE001 - not capturable: report wall time only
         print(f"note: device time not measured ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
         sync(device)
         return None
@@ -288,7 +288,7 @@ def run(args) -> list[dict]:
     records: list[dict] = []
     gen = torch.Generator(device=device).manual_seed(0)
     q = Quotient(groups.SE3)  # the default path
-    fs = lambda t: torch.finfo(dtype).bits // 8 * t  # noqa: E731 - bytes of t floats
+    fs = lambda t: torch.finfo(dtype).bits // 8 * t  # bytes of t floats
     print(_header(device, dtype, repeats, q))
     copy_bps = None
     if sections & {"copy", "projection"}:
@@ -402,7 +402,7 @@ def run(args) -> list[dict]:
                     f"B={b_},N={n_},points={pts}", nbytes=None)
         try:
             import geomstats  # noqa: F401
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken install is reported like a missing one
             print("note: geomstats is not installed: projection vs geomstats skipped "
                   "(pip install 'qmanifold[geomstats]')")
         else:
@@ -492,8 +492,8 @@ def _header(device, dtype, repeats, q) -> str:
         f"{dtype}  |  {repeats} alternating blocks, median per call  |  Quotient backend: {q.backend}  |  "
         f"triton: {st['triton_version'] or 'no'}"
         + (f" (launches: {'direct' if st['direct_launch'] else 'through Triton'})" if st["triton"] else ""),
-        f"{'comparison':<26} {'a':<44} {'b':<30} {'a median':>11} {'b median':>11} {'a/b':>7} {'a GB/s':>8} "
-        f"{'a %copy':>8} {'peak a/b MiB':>14}  size",
+        (f"{'comparison':<26} {'a':<44} {'b':<30} {'a median':>11} {'b median':>11} {'a/b':>7} {'a GB/s':>8} "
+         f"{'a %copy':>8} {'peak a/b MiB':>14}  size"),
         "-" * 190,
     ]
     return "\n".join(lines)

@@ -19,7 +19,8 @@ Group elements are :class:`GroupElement` pairs ``(matrix (..., d, d), translatio
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import sympy
 import torch
@@ -266,7 +267,7 @@ class LieGroup:
         coords: Sequence[sympy.Symbol],
         action: Sequence[sympy.Expr],
         **kwargs,
-    ) -> "LieGroup":
+    ) -> LieGroup:
         """Declare a group from a sympy expression of its action on one point.
 
         Args:
@@ -331,7 +332,7 @@ class LieGroup:
     def is_compact(self) -> bool:
         return not self.translations and self.kind in ("special_orthogonal", "torus")
 
-    def lowered(self, dtype: torch.dtype, device) -> "G.LoweredGeometry":
+    def lowered(self, dtype: torch.dtype, device) -> G.LoweredGeometry:
         """The group's torch coefficient tensors in ``dtype`` on ``device`` (cached)."""
         return self.symbolic.lower(dtype, device)
 

@@ -76,13 +76,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import sympy
 import torch
 from sympy.codegen.cfunctions import expm1
 
-from .symbolic import T, LoweredFunction, as_sympy, lower
+from .symbolic import LoweredFunction, T, as_sympy, lower
 
 __all__ = [
     "Schedule",
@@ -117,7 +118,7 @@ _GRID = 513  # validation grid size
 # ---------------------------------------------------------------------------
 
 
-def _exact(expr: sympy.Expr, value: int | float) -> float:
+def _exact(expr: sympy.Expr, value: float) -> float:
     """Evaluate ``expr`` at ``t = value`` with sympy (exact, then 30 digits)."""
     v = sympy.N(expr.xreplace({T: sympy.nsimplify(value)}), 30)
     try:
@@ -182,7 +183,7 @@ def check_time(t: Any, name: str = "t") -> Any:
     return t
 
 
-def _rational(x: float | int | sympy.Expr, name: str) -> sympy.Expr:
+def _rational(x: float | sympy.Expr, name: str) -> sympy.Expr:
     """Exact sympy number for a user parameter (``0.1`` -> ``1/10``)."""
     if isinstance(x, sympy.Basic):
         if x.free_symbols:
@@ -225,7 +226,7 @@ class Schedule:
         return self.fn(t)
 
     @property
-    def derivative(self) -> "Schedule":
+    def derivative(self) -> Schedule:
         if self._derivative is None:
             self._derivative = Schedule(sympy.diff(self.expr, T), name=f"d{self.name}")
         return self._derivative
@@ -481,7 +482,7 @@ class Interpolant:
             hi = torch.where(above, hi, mid)
         return 0.5 * (lo + hi)
 
-    def as_general(self) -> "GeneralInterpolant":
+    def as_general(self) -> GeneralInterpolant:
         """The same interpolant as a :class:`GeneralInterpolant` with ``x0 = eps``, ``gamma = 0``."""
         return GeneralInterpolant(self.ahat_expr, self.beta_expr, 0, name=self.name, validate=False)
 

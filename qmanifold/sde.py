@@ -23,7 +23,7 @@ equivariant for every linear group), lowered to torch by :mod:`qmanifold.symboli
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import sympy
 import torch

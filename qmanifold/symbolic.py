@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import itertools
 import linecache
+import math
 import numbers
 from fractions import Fraction
 from typing import Any
@@ -162,7 +163,7 @@ class _Gen:
     @staticmethod
     def _c(v: float) -> str:
         v = float(v)
-        if v != v or v in (float("inf"), float("-inf")):
+        if not math.isfinite(v):
             return f"float({str(v)!r})"
         return repr(v)
 
@@ -404,7 +405,7 @@ class LoweredFunction:
             conversion; for advanced use).
     """
 
-    __slots__ = ("expr", "symbols", "source", "fn", "_depends_on_all", "__weakref__")
+    __slots__ = ("__weakref__", "_depends_on_all", "expr", "fn", "source", "symbols")
 
     def __init__(self, expr, symbols, source, fn, depends_on_all):
         self.expr = expr
@@ -516,7 +517,7 @@ def _number_to_sympy(x: Any) -> sympy.Expr:
         return sympy.Rational(x.numerator, x.denominator) if isinstance(x, Fraction) else sympy.Integer(x)
     if isinstance(x, numbers.Real):
         xf = float(x)
-        if xf != xf or xf in (float("inf"), float("-inf")):
+        if not math.isfinite(xf):
             raise ValueError(f"expected a finite number, got {x!r}")
         return sympy.Float(xf) if not xf.is_integer() else sympy.Integer(int(xf))
     raise TypeError(f"expected a number, sympy expression or string, got {type(x).__name__}")
@@ -525,12 +526,11 @@ def _number_to_sympy(x: Any) -> sympy.Expr:
 def _parse(s: str, local: dict[str, Any]) -> sympy.Expr:
     try:
         expr = sympy.sympify(s, locals=dict(local), convert_xor=True, rational=True)
-    except (sympy.SympifyError, SyntaxError, TypeError, ValueError, AttributeError, NameError) as exc:
-        raise ValueError(f"could not parse {s!r} as a sympy expression: {exc}") from None
-    except Exception as exc:  # tokenizer errors and friends
+    except Exception as exc:  # noqa: BLE001 - sympify evaluates the text: SympifyError, SyntaxError, TokenError, ...
         raise ValueError(f"could not parse {s!r} as a sympy expression: {exc}") from None
     if not isinstance(expr, sympy.Basic) or isinstance(expr, type):
-        raise ValueError(f"{s!r} does not parse to a sympy expression (got {expr!r})")
+        raise ValueError(  # noqa: TRY004 - a bad value of the user's expression
+            f"{s!r} does not parse to a sympy expression (got {expr!r})")
     return expr
 
 
@@ -575,9 +575,11 @@ def as_sympy(x: Any, t: sympy.Symbol = T, *, name: str = "expression",
             raise type(exc)(f"{name}: {exc}") from None
     if isinstance(expr, (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction,
                          sympy.logic.boolalg.BooleanAtom)):
-        raise ValueError(f"{name}: expected a scalar expression, got the boolean/relational {expr}")
+        raise ValueError(  # noqa: TRY004 - a bad value of the user's expression
+            f"{name}: expected a scalar expression, got the boolean/relational {expr}")
     if not isinstance(expr, sympy.Expr):
-        raise ValueError(f"{name}: expected a scalar sympy expression, got {expr!r} ({type(expr).__name__})")
+        raise ValueError(  # noqa: TRY004 - a bad value of the user's expression
+            f"{name}: expected a scalar sympy expression, got {expr!r} ({type(expr).__name__})")
     renames = {s: t for s in expr.free_symbols if isinstance(s, sympy.Symbol) and s.name == t.name and s != t}
     if renames:
         expr = expr.xreplace(renames)

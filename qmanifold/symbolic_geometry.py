@@ -22,8 +22,8 @@ Reference: Xu et al., "Quotient-space diffusion models", ICLR 2026 (arXiv 2604.2
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import sympy
@@ -100,7 +100,7 @@ class SymbolicLinearGeometry:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def derive(cls, generators: Sequence[sympy.Matrix], point_dim: int) -> "SymbolicLinearGeometry":
+    def derive(cls, generators: Sequence[sympy.Matrix], point_dim: int) -> SymbolicLinearGeometry:
         d = point_dim
         k = len(generators)
         xs = sympy.Matrix(sympy.symbols(f"x0:{d}", real=True))
@@ -123,7 +123,7 @@ class SymbolicLinearGeometry:
         for a in range(k):
             form = sympy.expand(fields[a].dot(vs))
             # coefficient of v_i x_j in <A_a x, v>
-            jac = sympy.Matrix(d, d, lambda i, j: sympy.diff(form, vs[i], xs[j]))
+            jac = sympy.Matrix(d, d, lambda i, j, form=form: sympy.diff(form, vs[i], xs[j]))
             momentum_coeff[a] = np.array(jac.tolist(), dtype=np.float64)
             momentum[a] = sympy.expand(sum(jac[i, j] * v_sym[i, j] for i in range(d) for j in range(d)))
 

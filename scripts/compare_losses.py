@@ -37,6 +37,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+def _read_json(path: str):
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/compare")
@@ -84,8 +89,8 @@ class Runner:
     def start(self, cmd: list[str], log: str) -> subprocess.Popen:
         self.record(cmd)
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        fh = open(log, "a")
-        return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=fh, stderr=subprocess.STDOUT)
+        with open(log, "a") as fh:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=fh, stderr=subprocess.STDOUT)
 
     def run_all(self, jobs: list[tuple[list[str], str]], parallel: int) -> None:
         pending = list(jobs)
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
             if args.train_limit:
                 cmd += ["--train-limit", str(args.train_limit)]
             summary = os.path.join(run, "summary.json")
-            if os.path.exists(summary) and json.load(open(summary)).get("finished"):
+            if os.path.exists(summary) and _read_json(summary).get("finished"):
                 continue
             os.makedirs(run, exist_ok=True)
             train_jobs.append((cmd, os.path.join(run, "train.log")))
@@ -182,11 +187,11 @@ def main(argv=None) -> int:
     # 3. table
     from models.evaluation import summarize_runs
 
-    results = {m: [json.load(open(os.path.join(run, "eval.json"))) for run, _ in items] for m, items in evals.items()}
+    results = {m: [_read_json(os.path.join(run, "eval.json")) for run, _ in items] for m, items in evals.items()}
     table = summarize_runs(results)
     train_info = {}
     for loss in args.losses:
-        sums = [json.load(open(os.path.join(out, f"{loss}_seed{s}", "summary.json"))) for s in args.seeds]
+        sums = [_read_json(os.path.join(out, f"{loss}_seed{s}", "summary.json")) for s in args.seeds]
         train_info[loss] = {
             "wall_time_s": [s["wall_time_s"] for s in sums],
             "val_quotient": [s["last_val"]["val_quotient"] for s in sums],
@@ -212,8 +217,8 @@ def main(argv=None) -> int:
         m, s = row[key]["mean"] * scale, row[key]["std"] * scale
         return f"{m:.{digits}f} ± {s:.{digits}f}"
 
-    lines = [f"| method | COV-R (%) | AMR-R (Å) | COV-P (%) | AMR-P (Å) | connectivity ok (%) | bond-length W1 (Å) | "
-             f"bond-angle W1 (°) | val quotient loss | seeds |",
+    lines = [("| method | COV-R (%) | AMR-R (Å) | COV-P (%) | AMR-P (Å) | connectivity ok (%) | bond-length W1 (Å) | "
+              "bond-angle W1 (°) | val quotient loss | seeds |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in table.items():
         vq = "-"

@@ -24,7 +24,8 @@ wasted; use it as ``DataLoader(ds, batch_sampler=sampler, collate_fn=collate_mol
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,7 +170,7 @@ class SizeBucketBatchSampler(Sampler[list[int]]):
         m = self.num_atoms.size
         if not self.drop_last:
             if not self.shuffle:
-                return -(-m // self.batch_size)
+                return -(-m // self.batch_size)  # noqa: PLE0303 - a ceiling division of m >= 0
             size = self.batch_size * self.pool_batches
             full, rest = divmod(m, size)
             return full * self.pool_batches + -(-rest // self.batch_size)

@@ -30,7 +30,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
 
 FORMAT_VERSION = 1
 
-_SYMBOLS = (
+_SYMBOLS = (  # noqa: SIM905 - the periodic table as text reads better than 55 quoted strings
     "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As "
     "Se Br Kr Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe"
 ).split()
@@ -245,9 +246,9 @@ class MoleculeDataset(Dataset):
         z = np.asarray(atomic_numbers)
         if z.shape != (pos.shape[0],):
             raise ValueError(f"atomic_numbers must have shape ({pos.shape[0]},) to match positions, got {z.shape}")
-        if z.size and (not np.issubdtype(z.dtype, np.integer)):
-            if not np.all(np.isfinite(z)) or not np.all(z == np.round(z)):
-                raise ValueError("atomic_numbers must be integers")
+        if (z.size and not np.issubdtype(z.dtype, np.integer)
+                and (not np.all(np.isfinite(z)) or not np.all(z == np.round(z)))):
+            raise ValueError("atomic_numbers must be integers")
         self.elements: tuple[int, ...] = _check_elements(elements)
         self._check_offsets("atom_offsets", atom_offsets, pos.shape[0])
         pairs = np.asarray(bond_pairs)
@@ -499,7 +500,7 @@ class MoleculeDataset(Dataset):
             indices=self.indices, smiles=self._smiles, split_labels=self.split_labels,
         )
 
-    def _derived(self, **changes: Any) -> "MoleculeDataset":
+    def _derived(self, **changes: Any) -> MoleculeDataset:
         kw = self._arrays()
         kw.update(elements=self.elements, heavy_atoms_only=False, skipped=self.skipped,
                   source=self.source, metadata=self.metadata)
@@ -508,7 +509,7 @@ class MoleculeDataset(Dataset):
         new.heavy_atoms_only = new.heavy_atoms_only or self.heavy_atoms_only
         return new
 
-    def subset(self, rows: Iterable[int] | np.ndarray) -> "MoleculeDataset":
+    def subset(self, rows: Iterable[int] | np.ndarray) -> MoleculeDataset:
         """A new compact dataset with the molecules at ``rows`` (positions, in the given order)."""
         sel = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows)
         if sel.dtype == bool:
@@ -527,7 +528,7 @@ class MoleculeDataset(Dataset):
             split_labels=self.split_labels[sel],
         )
 
-    def split(self, name: str) -> "MoleculeDataset":
+    def split(self, name: str) -> MoleculeDataset:
         """The ``"train"``, ``"valid"`` or ``"test"`` part (a new dataset).
 
         Raises:
@@ -540,11 +541,11 @@ class MoleculeDataset(Dataset):
                              f"use subset() to split it yourself")
         return self.subset(np.nonzero(self.split_labels == SPLIT_NAMES.index(name))[0])
 
-    def without_hydrogens(self) -> "MoleculeDataset":
+    def without_hydrogens(self) -> MoleculeDataset:
         """A copy with hydrogens and their bonds removed (``heavy_atoms_only=True``)."""
         return self._derived(heavy_atoms_only=True)
 
-    def with_elements(self, elements: Sequence[int]) -> "MoleculeDataset":
+    def with_elements(self, elements: Sequence[int]) -> MoleculeDataset:
         """A copy whose ``atom_types`` index into a different element list."""
         return self._derived(elements=elements)
 
@@ -579,7 +580,7 @@ class MoleculeDataset(Dataset):
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], *, elements: Sequence[int] | None = None,
-                    heavy_atoms_only: bool = False, origin: str = "arrays") -> "MoleculeDataset":
+                    heavy_atoms_only: bool = False, origin: str = "arrays") -> MoleculeDataset:
         """Inverse of :meth:`to_arrays`.
 
         Args:
@@ -625,7 +626,7 @@ class MoleculeDataset(Dataset):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, elements: Sequence[int] | None = None,
-             heavy_atoms_only: bool = False) -> "MoleculeDataset":
+             heavy_atoms_only: bool = False) -> MoleculeDataset:
         """Read a file written by :meth:`save` (pure numpy; no RDKit needed).
 
         Raises:
@@ -654,7 +655,7 @@ class MoleculeDataset(Dataset):
         skipped: Mapping[str, int] | None = None,
         source: str = "",
         metadata: Mapping[str, Any] | None = None,
-    ) -> "MoleculeDataset":
+    ) -> MoleculeDataset:
         """Build a dataset from per-molecule dicts.
 
         Each dict needs ``positions`` ``(N, 3)`` Å and ``atomic_numbers`` ``(N,)``, and either
@@ -731,7 +732,7 @@ class MoleculeDataset(Dataset):
 
 def _require_rdkit(what: str):
     try:
-        from rdkit import Chem  # noqa: F401
+        from rdkit import Chem
     except ImportError as exc:  # pragma: no cover - exercised only without rdkit
         raise ImportError(f"{what} needs RDKit; install it with `pip install rdkit` "
                           f"(or the 'molecules' extra)") from exc
@@ -1051,7 +1052,7 @@ def load_sdf(
                 continue
             try:
                 smi = Chem.MolToSmiles(Chem.RemoveHs(mol, sanitize=False))
-            except Exception:
+            except Exception:  # noqa: BLE001 - RDKit raises assorted types; the SMILES is optional
                 smi = ""
             mols.append({"positions": pos, "atomic_numbers": z, "bond_types": bt, "index": rec, "smiles": smi})
     finally:

@@ -65,12 +65,14 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from .io import (
+    _SYMBOLS,
     BOND_AROMATIC,
     BOND_DOUBLE,
     BOND_SINGLE,
@@ -78,7 +80,6 @@ from .io import (
     ELEMENTS,
     SPLIT_NAMES,
     MoleculeDataset,
-    _SYMBOLS,
 )
 
 __all__ = [
@@ -681,7 +682,7 @@ def parse_qm9(
         "limit": limit,
         "selected": None if sel is None else len(sel),
         "rows_read": len(results),
-        "universe_size": int(len(universe)),
+        "universe_size": len(universe),
         "split_seed": 0,
         "split_sizes": list(QM9_SPLIT_SIZES),
         "parse_seconds": round(elapsed, 2),

@@ -56,7 +56,8 @@ import torch
 
 from .. import geometry as G
 from .. import so3
-from ..masking import apply_mask, center as _torch_center
+from ..masking import apply_mask
+from ..masking import center as _torch_center
 from ..sde import tame as _tame
 from . import emulate, generic_triton, se3_triton
 from .launch import LAUNCH_OPTIONS, DirectLauncher, direct_launch_available, runtime_names
@@ -85,7 +86,7 @@ def _triton():
             import triton.language as tl
 
             _TRITON = (triton, tl)
-        except Exception as exc:  # ImportError, or a broken install
+        except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install
             _TRITON = False
             _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
     return _TRITON
@@ -438,7 +439,7 @@ class FusedGeometry:
     # -- the launch -----------------------------------------------------------------------------
 
     def plan(self, mode: int, x, u=None, z=None, mask=None, offsets=None, *, a=None, s=None, c=None,
-             lim=None, max_size=None) -> "LaunchPlan":
+             lim=None, max_size=None) -> LaunchPlan:
         """The kernel launch for ``mode`` on these inputs, without running it: the flattened argument
         list, the constexpr specialisation, the grid and ``num_warps``, and the output buffers.
 

@@ -214,8 +214,8 @@ def representative_ops(full: bool = False) -> list[dict]:
 
 
 def format_reports(reports: list[CompileReport]) -> str:
-    lines = [f"{'kernel':<22} {'op':<21} {'dtype':<8} {'layout':<7} {'N':>5} {'tile':>9} {'chunks':>6} {'warps':>5} "
-             f"{'regs':>5} {'stack B':>8} {'occupancy':>9} {'SASS':>6} {'SHFL':>5} {'compile':>8}"]
+    lines = [(f"{'kernel':<22} {'op':<21} {'dtype':<8} {'layout':<7} {'N':>5} {'tile':>9} {'chunks':>6} {'warps':>5} "
+              f"{'regs':>5} {'stack B':>8} {'occupancy':>9} {'SASS':>6} {'SHFL':>5} {'compile':>8}")]
     for r in reports:
         lines.append(f"{r.kernel[:22]:<22} {MODES[r.mode]:<21} {r.dtype:<8} {r.layout:<7} {r.points:>5} "
                      f"{f'{r.block_b}x{r.block_n}':>9} {r.chunks:>6} {r.num_warps:>5} {r.registers:>5} "
@@ -261,7 +261,7 @@ def _run(args) -> int:
             for op in representative_ops(args.full):
                 try:
                     reports.append(compile_op(geom, arch=arch, **op))
-                except Exception as exc:  # report every failure, not only the first
+                except Exception as exc:  # noqa: BLE001 - report every failure, not only the first
                     failures.append(f"{geom.kernels.name} {MODES[op['mode']]} {op}: {type(exc).__name__}: {exc}")
         print(format_reports([r for r in reports if r.arch == arch]))
     spills = [r for r in reports if r.spills]

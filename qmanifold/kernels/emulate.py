@@ -33,7 +33,7 @@ int64 = torch.int64
 uint8 = torch.uint8
 
 
-class constexpr:  # noqa: N801 - mirrors triton.language.constexpr (used as an annotation only)
+class constexpr:  # mirrors triton.language.constexpr (used as an annotation only)
     pass
 
 
@@ -52,7 +52,7 @@ def program_id(axis: int):
 class Pointer:
     """Element offsets (an int64 tensor or int) into the flat storage of a tensor."""
 
-    __slots__ = ("storage", "offs")
+    __slots__ = ("offs", "storage")
 
     def __init__(self, storage: torch.Tensor, offs):
         self.storage = storage
@@ -114,11 +114,11 @@ def full(shape, value, dtype):
     return torch.full(tuple(shape), value, dtype=dtype)
 
 
-def sum(x, axis=None):  # noqa: A001 - mirrors tl.sum
+def sum(x, axis=None):  # mirrors tl.sum
     return x.sum() if axis is None else x.sum(axis)
 
 
-def max(x, axis=None):  # noqa: A001 - mirrors tl.max
+def max(x, axis=None):  # mirrors tl.max
     return x.max() if axis is None else x.max(axis).values
 
 
@@ -143,7 +143,7 @@ def sqrt(x):
     return torch.sqrt(x)
 
 
-def abs(x):  # noqa: A001 - mirrors tl.abs
+def abs(x):  # mirrors tl.abs
     return torch.abs(x)
 
 

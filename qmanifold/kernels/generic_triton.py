@@ -501,6 +501,11 @@ def _cache_dir() -> str | None:
     return None
 
 
+def _read_text(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
 def load_kernel(source: str, tl_module):
     """Execute generated ``source`` with ``tl`` = ``tl_module``; returns the plain kernel function
     (its helper ``_rsum`` is in the function's globals).
@@ -516,7 +521,7 @@ def load_kernel(source: str, tl_module):
         exec(compile(source, f"<{name}>", "exec"), namespace)  # noqa: S102 - our own generated code
         return namespace["_generic_kernel"]
     path = os.path.join(directory, name + ".py")
-    if not os.path.exists(path) or open(path).read() != source:
+    if not os.path.exists(path) or _read_text(path) != source:
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as fh:
             fh.write(source)

@@ -344,7 +344,7 @@ def _se3_kernel(
     m02 = i02
     m12 = i12
     hc = ch
-    if MODE == 4:
+    if MODE == 4:  # noqa: SIM102 - one constexpr branch per mode, as in the other kernels
         if TAME:
             # |h|^2 = sum_n |M x_n|^2 = tr(M S M); tame(c h, lim) = c h min(lim / |c h|, 1)
             t00 = m00 * s00 + m01 * s01 + m02 * s02

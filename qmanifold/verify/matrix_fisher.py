@@ -75,6 +75,7 @@ resolves the smallest boundary layer, i.e. for :math:`\|S\| \lesssim 10^{12}`.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -118,7 +119,7 @@ def _graded_nodes(n_nodes: int, levels: int, ratio: float, dtype: torch.dtype, d
     x, w = np.polynomial.legendre.leggauss(int(n_nodes))
     edges = [0.0] + [0.5 * ratio**k for k in range(levels, -1, -1)]
     dist, wd = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         half = 0.5 * (hi - lo)
         dist.append(lo + half * (x + 1.0))
         wd.append(half * w)

@@ -32,8 +32,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -258,9 +258,9 @@ def compare_features(generated: dict[str, torch.Tensor], exact: dict[str, torch.
     if set(generated) != set(exact):
         raise ValueError(f"feature names differ: {sorted(generated)} vs {sorted(exact)}")
     per_feature = {}
-    for key in exact:
+    for key, exact_values in exact.items():
         g = generated[key].detach().double().cpu().numpy()
-        e = exact[key].detach().double().cpu().numpy()
+        e = exact_values.detach().double().cpu().numpy()
         if not np.isfinite(g).all():
             per_feature[key] = {"ks": 1.0, "p": 0.0, "w1": math.inf}
             continue

@@ -56,7 +56,7 @@ def test_naive_euler_angle_rotations_fail_the_haar_moment_test():
     rz1 = groups.SO3.exp(torch.stack([0 * angles[:, 0], 0 * angles[:, 0], angles[:, 0]], -1))
     ry = groups.SO3.exp(torch.stack([0 * angles[:, 1], angles[:, 1] / 2, 0 * angles[:, 1]], -1))
     rz2 = groups.SO3.exp(torch.stack([0 * angles[:, 2], 0 * angles[:, 2], angles[:, 2]], -1))
-    m1, m2, se = trace_moments(rz1 @ ry @ rz2)
+    _, m2, se = trace_moments(rz1 @ ry @ rz2)
     assert abs(m2 - 1) > 20 * se
 
 
@@ -90,7 +90,7 @@ def test_so3_align_and_dist_agree_with_scipy(n, seed):
     torch.testing.assert_close(q.dist(x, ref), torch.tensor(rssd, dtype=torch.float64), atol=1e-9, rtol=1e-9)
     # SE(3): the same after centring both
     q3 = Quotient(groups.SE3)
-    rot_c, rssd_c = Rotation.align_vectors(center(ref).numpy(), center(x).numpy())
+    _, rssd_c = Rotation.align_vectors(center(ref).numpy(), center(x).numpy())
     torch.testing.assert_close(q3.dist(x, ref), torch.tensor(rssd_c, dtype=torch.float64), atol=1e-9, rtol=1e-9)
 
 

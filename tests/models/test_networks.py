@@ -269,7 +269,7 @@ def test_training_step_and_sampling_have_no_host_sync(name):
     from qmanifold import Quotient, QuotientDiffusion
 
     model = build_denoiser(name).to("meta")
-    x, t, atoms, bonds = make_batch(dtype=torch.float32)
+    x, _, atoms, bonds = make_batch(dtype=torch.float32)
     mask = torch.ones(x.shape[:2], dtype=torch.bool)
     mask[0, -2:] = False
     meta = {"atom_types": atoms.to("meta"), "bond_types": bonds.to("meta")}

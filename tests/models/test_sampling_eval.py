@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("rdkit")
-from rdkit import Chem  # noqa: E402
+from rdkit import Chem
 
-from models.baselines import baseline_conformers, etkdg_conformers  # noqa: E402
-from models.data import ELEMENTS, load_dataset  # noqa: E402
-from models.evaluation import (  # noqa: E402
+from models.baselines import baseline_conformers, etkdg_conformers
+from models.data import ELEMENTS, load_dataset
+from models.evaluation import (
     best_rmsd,
     bond_geometry,
     connectivity_matches,
@@ -29,7 +30,7 @@ from models.evaluation import (  # noqa: E402
     read_sdf_records,
     summarize_runs,
 )
-from models.sampling import (  # noqa: E402
+from models.sampling import (
     MoleculeInputError,
     graph_from_smiles,
     graphs_from_dataset,
@@ -217,7 +218,7 @@ def test_evaluate_known_inputs(test_graphs, tmp_path):
     assert res["bond_length_w1"]["mean"] > 0 and res["method"] == {"qm_method": "known"}
     files = plot_evaluation(res, tmp_path / "plots")
     assert {os.path.basename(f) for f in files} == {"rmsd_hist.png", "bond_lengths.png", "bond_angles.png"}
-    assert all(open(f, "rb").read(4) == b"\x89PNG" for f in files)
+    assert all(Path(f).read_bytes()[:4] == b"\x89PNG" for f in files)
     table = summarize_runs({"known": [res, res]})
     assert table["known"]["COV-R"]["mean"] == 1.0 and table["known"]["COV-R"]["std"] == 0.0
 
@@ -265,7 +266,7 @@ def test_sample_conformers_shapes_and_determinism(test_graphs):
 
 def test_etkdg_baseline_scored_by_evaluate(test_graphs, tmp_path):
     graphs = test_graphs[:3]
-    confs, stats = baseline_conformers(graphs, 2, mmff=True, seed=0, progress=False)
+    confs, _ = baseline_conformers(graphs, 2, mmff=True, seed=0, progress=False)
     assert [c.shape for c in confs] == [(2, g.num_atoms, 3) for g in graphs]
     again, _ = baseline_conformers(graphs, 2, mmff=True, seed=0, progress=False)
     assert all(np.allclose(x, y) for x, y in zip(confs, again))
@@ -333,7 +334,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main(["sample", "--checkpoint", ckpt, "--smiles", "CC[Si]", "--out", str(bad), "--no-progress"]) == 2
     assert "outside the model's element list" in capsys.readouterr().err
     junk = tmp_path / "junk.pt"
-    junk.write_bytes(open(ckpt, "rb").read()[:500])
+    junk.write_bytes(Path(ckpt).read_bytes()[:500])
     assert main(["sample", "--checkpoint", str(junk), "--smiles", "CC", "--out", str(bad), "--no-progress"]) == 2
     assert "truncated or corrupted" in capsys.readouterr().err
     assert not bad.exists()

@@ -15,6 +15,7 @@ All tests use fixed seeds. Statistical tests state their level (Bonferroni over 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -585,7 +586,7 @@ def _chain_bonds(batch: int, n: int, mask: torch.Tensor) -> torch.Tensor:
     bonds = torch.zeros(batch, n, n, dtype=torch.long)
     for b in range(batch):
         idx = torch.nonzero(mask[b]).flatten()
-        for i, j in zip(idx[:-1], idx[1:]):
+        for i, j in itertools.pairwise(idx):
             bonds[b, i, j] = bonds[b, j, i] = 1
     return bonds
 

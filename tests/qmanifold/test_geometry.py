@@ -258,9 +258,8 @@ def test_bad_inputs_raise_named_errors():
     assert torch.isnan(q.mean_curvature(bad)).any()  # low-level ops do not sync by default
     import qmanifold
 
-    with qmanifold.finite_checks():
-        with pytest.raises(ValueError, match="non-finite"):
-            q.mean_curvature(bad)
+    with qmanifold.finite_checks(), pytest.raises(ValueError, match="non-finite"):
+        q.mean_curvature(bad)
 
 
 @pytest.mark.parametrize("name", ["SE3-fast", "SE3-generic", "SO2", "T2"])

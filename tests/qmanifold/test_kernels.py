@@ -188,7 +188,7 @@ def test_every_tile_layout_matches_oracle(path_device, dtype, name, monkeypatch)
     sizes = torch.tensor([7, 3, 5, 7] * 10)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(device)
     keep = torch.arange(7)[None, :] < sizes[:, None]
-    xp, vp, zp = x[keep.to(device)], v[keep.to(device)], z[keep.to(device)]
+    xp, vp = x[keep.to(device)], v[keep.to(device)]
     s = torch.full((40,), 0.1, dtype=dtype, device=device)
     expected = {
         "projection": ref.horizontal_projection(v, x, mask),
@@ -444,9 +444,9 @@ def test_auto_backend_runs_triton_on_cuda():
 class _LaunchCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts dispatched torch ops that launch a kernel on a GPU (views and allocations excluded)."""
 
-    METADATA_ONLY = {"select", "unsqueeze", "view", "expand", "diagonal", "transpose", "_unsafe_view", "squeeze",
+    METADATA_ONLY = frozenset({"select", "unsqueeze", "view", "expand", "diagonal", "transpose", "_unsafe_view", "squeeze",
                      "unbind", "reshape", "slice", "as_strided", "alias", "t", "permute", "detach", "empty",
-                     "empty_like", "empty_strided"}
+                     "empty_like", "empty_strided"})
 
     def __init__(self):
         super().__init__()

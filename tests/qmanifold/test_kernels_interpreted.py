@@ -35,7 +35,7 @@ def test_kernels_match_oracle_under_tritons_interpreter():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
            "-k", "interpret or paths_and_status",
            "tests/qmanifold/test_kernels.py", "tests/qmanifold/test_packed.py"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=1200)
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, report
     summary = proc.stdout.strip().splitlines()[-1]

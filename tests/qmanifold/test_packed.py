@@ -61,7 +61,8 @@ def test_layout_conversions_roundtrip():
     full, offs = P.pack(x)
     assert full.shape == (20, 3) and offs.tolist() == [0, 5, 10, 15, 20]
     x8, mask8 = P.unpack(pts, offsets, max_size=8)
-    assert x8.shape == (4, 8, 3) and torch.equal(x8[:, :5], x)
+    assert x8.shape == (4, 8, 3) and torch.equal(x8[:, :5], x) and not x8[:, 5:].any()
+    assert torch.equal(mask8[:, :5], mask) and not mask8[:, 5:].any()
 
 
 F32, F64 = torch.float32, torch.float64

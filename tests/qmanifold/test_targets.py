@@ -16,7 +16,6 @@ from qmanifold.verify import (
     PermutationMixture,
     SE3Template,
     SO2Template,
-    TorusRadial,
     WrappedNormalLattice,
     available_targets,
     haar_so3,
@@ -40,7 +39,7 @@ def gen(seed: int) -> torch.Generator:
 def random_group_action(name: str, x: torch.Tensor, g: torch.Generator):
     """Apply a random (per-sample) group element to x (B, N, d); returns (gx, act) where
     act(y) applies the same elements to another tensor of the same shape."""
-    B, N, d = x.shape
+    B, N, _ = x.shape
     if name == "so2":
         R = _rot2(2 * math.pi * torch.rand(B, generator=g, dtype=F64)).to(x)
         return x @ R.mT, lambda y: y @ R.mT
@@ -49,11 +48,11 @@ def random_group_action(name: str, x: torch.Tensor, g: torch.Generator):
         return x @ R.mT, lambda y: y @ R.mT
     if name == "torus":
         R = _rot2(2 * math.pi * torch.rand(B, N, generator=g, dtype=F64)).to(x)
-        act = lambda y: (R @ y.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+        act = lambda y: (R @ y.unsqueeze(-1)).squeeze(-1)
         return act(x), act
     if name == "permutations":
         perm = torch.argsort(torch.rand(B, N, generator=g), dim=-1)
-        act = lambda y: y.gather(1, perm.unsqueeze(-1).expand_as(y))  # noqa: E731
+        act = lambda y: y.gather(1, perm.unsqueeze(-1).expand_as(y))
         return act(x), act
     if name == "lattice":
         shift = torch.randint(-3, 4, x.shape, generator=g).to(x)
