@@ -9,7 +9,8 @@ Run::
 For each comparison "a vs b" the same denoiser (``models.egnn.EGNNDenoiser``, optionally
 ``models.transformer.TransformerDenoiser``) and the same batch are used, and a and b are timed in
 alternating blocks (so that background load affects both alike); the median time per call is
-reported with ``ratio = a / b``.
+reported with ``ratio = a / b`` and a 95 % confidence interval of the ratio from the blocks that
+timed a and b back to back (``qmanifold.bench.ratio_interval``; ``ratio_ci95`` in the JSON).
 
 Comparisons (see benchmarks/README.md for how to read them):
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 
@@ -42,6 +44,8 @@ from qmanifold.bench import (
     build_denoiser,
     make_batch,
     one_step,
+    ratio_interval,
+    time_blocks,
     time_group,
     time_pair,
     training_step,
@@ -72,16 +76,19 @@ def run(args) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(0)
     records: list[dict] = []
 
-    def emit(comparison, a, b, ta, tb, model_size=""):
+    def emit(comparison, a, b, times_a, times_b, model_size=""):
+        ta, tb = statistics.median(times_a), statistics.median(times_b)
         rec = {"comparison": comparison, "a": a, "b": b, "a_median_s": ta, "b_median_s": tb,
                "ratio": ta / tb, "device": str(device), "size": size + model_size}
+        if len(times_a) >= 2:
+            rec["ratio_ci95"] = list(ratio_interval(times_a, times_b))
         records.append(rec)
         print(_row(rec), flush=True)
 
     def compare(comparison, fns: dict, pairs, model_size=""):
-        med = time_group(fns, device, **timing)
+        blocks = time_blocks(fns, device, **timing)
         for a, b in pairs:
-            emit(comparison, a, b, med[a], med[b], model_size)
+            emit(comparison, a, b, blocks[a], blocks[b], model_size)
 
     print(_header(device, dtype, size, repeats))
     for name in args.denoisers:
@@ -150,17 +157,20 @@ def _header(device, dtype, size, repeats) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     lines = [
         (f"qmanifold engine benchmark  |  torch {torch.__version__}  |  device {device} ({name})  |  "
-         f"threads {threads}  |  {dtype}  |  {size}  |  {repeats} alternating blocks, median per call"),
-        f"{'comparison':<34} {'a':<28} {'b':<22} {'a median':>11} {'b median':>11} {'a/b':>7} {'overhead':>9}",
-        "-" * 130,
+         f"threads {threads}  |  {dtype}  |  {size}  |  {repeats} alternating blocks, median per call, "
+         "95% CI of a/b from paired blocks"),
+        (f"{'comparison':<34} {'a':<28} {'b':<22} {'a median':>11} {'b median':>11} {'a/b':>7} {'95% CI':>17} "
+         f"{'overhead':>9}"),
+        "-" * 148,
     ]
     return "\n".join(lines)
 
 
 def _row(rec: dict) -> str:
     over = f"{100 * (rec['ratio'] - 1):+8.1f}%" if rec["b"] == "conventional" else ""
+    ci = "[{:.3f}, {:.3f}]".format(*rec["ratio_ci95"]) if "ratio_ci95" in rec else ""
     return (f"{rec['comparison']:<34} {rec['a']:<28} {rec['b']:<22} {_fmt(rec['a_median_s']):>11} "
-            f"{_fmt(rec['b_median_s']):>11} {rec['ratio']:7.3f} {over:>9}")
+            f"{_fmt(rec['b_median_s']):>11} {rec['ratio']:7.3f} {ci:>17} {over:>9}")
 
 
 def main(argv=None) -> list[dict]:

@@ -1,7 +1,10 @@
 """``qmanifold bench``: side-by-side timings of the quotient machinery on the current device.
 
 Everything is measured in one run, on one device, with the two sides of each comparison timed in
-alternating blocks (:func:`time_group`), and reported as medians and ratios ``a / b``:
+alternating blocks (:func:`time_blocks`), and reported as medians and ratios ``a / b``, each ratio
+with a 95 % confidence interval from the rounds that timed both sides back to back
+(:func:`ratio_interval`; ``ratio_ci95`` in ``--json``): a ratio whose interval contains 1 is within
+the run's own timing noise.
 
 * ``copy``: the device's copy bandwidth (``dst.copy_(src)`` of a large buffer), the yardstick for
   the memory-bound kernels;
@@ -20,7 +23,8 @@ alternating blocks (:func:`time_group`), and reported as medians and ratios ``a 
   with the same EGNN;
 * ``kabsch`` vs ``projection``: the alignment AF3 needs vs the projection the quotient loss needs.
 
-Shared timing / batch utilities (:func:`time_group`, :func:`time_pair`, :func:`make_batch`,
+Shared timing / batch utilities (:func:`time_blocks`, :func:`time_group`, :func:`ratio_interval`,
+:func:`time_pair`, :func:`make_batch`,
 :func:`build_denoiser`, :func:`one_step`, :func:`training_step`) are also used by
 ``benchmarks/bench_engine.py`` and ``benchmarks/profile_train_step.py``.
 """
@@ -39,7 +43,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "time_group", "time_pair", "make_batch", "build_denoiser", "one_step", "training_step", "fmt_seconds",
+    "time_blocks", "time_group", "ratio_interval", "time_pair", "make_batch", "build_denoiser", "one_step",
+    "training_step", "fmt_seconds",
     "copy_bandwidth", "device_time", "run", "format_table", "register", "main",
 ]
 
@@ -53,14 +58,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_group(fns: dict[str, Callable], device: torch.device, *, repeats: int, warmup: int = 2,
-               block_s: float = 0.05) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin in blocks after warm-up.
+def time_blocks(fns: dict[str, Callable], device: torch.device, *, repeats: int, warmup: int = 2,
+                block_s: float = 0.05) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of ``repeats`` rounds, timed round-robin in blocks.
 
     The functions are interleaved (block of f1, block of f2, ..., repeated ``repeats`` times, the
-    order rotated each round) so that changing background load affects all of them alike. Each
-    block runs ``number`` calls, chosen from the last warm-up round so that a block of the slowest
-    function lasts about ``block_s``, and is bracketed by device synchronisation.
+    order rotated each round) so that changing background load affects all of them alike; entry
+    ``r`` of every list is from round ``r``, so the lists can be compared round by round
+    (:func:`ratio_interval`). Each block runs ``number`` calls, chosen from the last warm-up round
+    so that a block of the slowest function lasts about ``block_s``, and is bracketed by device
+    synchronisation.
     """
     device = torch.device(device)
     slowest = 1e-7
@@ -89,7 +96,35 @@ def time_group(fns: dict[str, Callable], device: torch.device, *, repeats: int, 
         # synchronisation, allocator state or clock ramp)
         for k in keys[r % len(keys):] + keys[: r % len(keys)]:
             times[k].append(block(fns[k]))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def time_group(fns: dict[str, Callable], device: torch.device, *, repeats: int, warmup: int = 2,
+               block_s: float = 0.05) -> dict[str, float]:
+    """Median seconds per call of each function over the rounds of :func:`time_blocks`."""
+    return {k: statistics.median(v) for k, v in time_blocks(fns, device, repeats=repeats, warmup=warmup,
+                                                            block_s=block_s).items()}
+
+
+def ratio_interval(times_a: list[float], times_b: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of the ratio ``a / b`` from rounds that timed both (:func:`time_blocks`).
+
+    The two sides of a round run back to back, so the per-round log ratio ``log(a_r / b_r)``
+    cancels load that drifts between rounds. The interval is Student's t interval of the mean log
+    ratio, exponentiated: an interval for the geometric-mean ratio, assuming the rounds are
+    independent. It says whether a ratio's distance from 1 is larger than the run's own timing
+    noise. ``(nan, nan)`` for fewer than two rounds.
+    """
+    from scipy.stats import t as student_t
+
+    if len(times_a) != len(times_b):
+        raise ValueError(f"paired rounds expected, got {len(times_a)} and {len(times_b)} times")
+    n = len(times_a)
+    if n < 2:
+        return float("nan"), float("nan")
+    logs = np.log(np.asarray(times_a, dtype=np.float64) / np.asarray(times_b, dtype=np.float64))
+    half = student_t.ppf(0.5 + level / 2, n - 1) * logs.std(ddof=1) / np.sqrt(n)
+    return float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))
 
 
 def time_pair(fa: Callable, fb: Callable, device: torch.device, **kwargs) -> tuple[float, float]:
@@ -282,7 +317,7 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     quick = args.quick
-    repeats = args.repeats or (3 if quick else 7)
+    repeats = args.repeats or (5 if quick else 7)
     timing = dict(repeats=repeats, warmup=1 if quick else 2, block_s=0.02 if quick else 0.1)
     sections = set(args.sections)
     records: list[dict] = []
@@ -320,9 +355,10 @@ def run(args) -> list[dict]:
     def compare(comparison, fa, fb, a, b, size, nbytes=None, mem=True, device_times=None):
         """Time ``fa`` against ``fb``; ``device_times`` (default: when ``nbytes`` is given) adds the
         CUDA-graph device time of both on a GPU."""
-        ta, tb = time_pair(fa, fb, device, **timing)
+        blocks = time_blocks({"a": fa, "b": fb}, device, **timing)
+        ta, tb = statistics.median(blocks["a"]), statistics.median(blocks["b"])
         rec = {"comparison": comparison, "a": a, "b": b, "a_median_s": ta, "b_median_s": tb, "ratio": ta / tb,
-               "device": str(device), "size": size}
+               "device": str(device), "size": size, **_interval(blocks["a"], blocks["b"])}
         if nbytes is not None:
             rec["bytes"] = nbytes
             rec["a_GBps"] = nbytes / ta / 1e9
@@ -420,11 +456,12 @@ def run(args) -> list[dict]:
         params = sum(p.numel() for p in net.parameters())
         size = f"B={batch},N=29,real={int(mask.sum())},egnn:{params}params"
         if "loss" in sections:
-            med = time_group({k: training_step(q, net, k, x1, mask, cond, gen) for k in ("quotient", "af3_align", "conventional")},
-                             device, **timing)
+            blocks = time_blocks({k: training_step(q, net, k, x1, mask, cond, gen)
+                                  for k in ("quotient", "af3_align", "conventional")}, device, **timing)
+            med = {k: statistics.median(v) for k, v in blocks.items()}
             for comp, a, b in (("loss", "quotient", "af3_align"), ("train_step", "quotient", "conventional")):
                 emit({"comparison": comp, "a": a, "b": b, "a_median_s": med[a], "b_median_s": med[b],
-                      "ratio": med[a] / med[b], "size": size})
+                      "ratio": med[a] / med[b], "size": size, **_interval(blocks[a], blocks[b])})
             # the machinery alone: P_{x_t}(residual) forward + backward vs Kabsch alignment (SVD)
             x_t = q.center(0.5 * x1 + 0.8 * torch.randn(x1.shape, generator=gen, device=device, dtype=dtype), mask)
             pred = q.center(x1 + 0.3 * torch.randn(x1.shape, generator=gen, device=device, dtype=dtype), mask)
@@ -481,6 +518,12 @@ def _geomstats_comparison(compare, q, device, dtype, gen, quick):
 # output
 
 
+def _interval(times_a: list[float], times_b: list[float]) -> dict:
+    """``{"ratio_ci95": [lo, hi]}`` (:func:`ratio_interval`), or nothing for a single round."""
+    lo, hi = ratio_interval(times_a, times_b)
+    return {"ratio_ci95": [lo, hi]} if len(times_a) >= 2 else {}
+
+
 def _header(device, dtype, repeats, q) -> str:
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -489,12 +532,13 @@ def _header(device, dtype, repeats, q) -> str:
     st = status()
     lines = [
         f"qmanifold bench  |  torch {torch.__version__}  |  device {device} ({name})  |  threads {threads}  |  "
-        f"{dtype}  |  {repeats} alternating blocks, median per call  |  Quotient backend: {q.backend}  |  "
+        f"{dtype}  |  {repeats} alternating blocks, median per call, 95% CI of a/b from paired blocks  |  "
+        f"Quotient backend: {q.backend}  |  "
         f"triton: {st['triton_version'] or 'no'}"
         + (f" (launches: {'direct' if st['direct_launch'] else 'through Triton'})" if st["triton"] else ""),
-        (f"{'comparison':<26} {'a':<44} {'b':<30} {'a median':>11} {'b median':>11} {'a/b':>7} {'a GB/s':>8} "
-         f"{'a %copy':>8} {'peak a/b MiB':>14}  size"),
-        "-" * 190,
+        (f"{'comparison':<26} {'a':<44} {'b':<30} {'a median':>11} {'b median':>11} {'a/b':>7} {'95% CI':>17} "
+         f"{'a GB/s':>8} {'a %copy':>8} {'peak a/b MiB':>14}  size"),
+        "-" * 208,
     ]
     return "\n".join(lines)
 
@@ -505,8 +549,9 @@ def _row(rec: dict) -> str:
     mem = ""
     if rec.get("a_peak_bytes") is not None:
         mem = f"{rec['a_peak_bytes'] / 2**20:.1f}/{rec['b_peak_bytes'] / 2**20:.1f}"
+    ci = "[{:.3f}, {:.3f}]".format(*rec["ratio_ci95"]) if "ratio_ci95" in rec else ""
     row = (f"{rec['comparison']:<26} {rec['a']:<44} {rec['b']:<30} {fmt_seconds(rec['a_median_s']):>11} "
-           f"{fmt_seconds(rec['b_median_s']):>11} {rec['ratio']:7.3f} {gbps} {frac} {mem:>14}  {rec['size']}")
+           f"{fmt_seconds(rec['b_median_s']):>11} {rec['ratio']:7.3f} {ci:>17} {gbps} {frac} {mem:>14}  {rec['size']}")
     if "a_device_s" in rec:
         dev_frac = f" = {100 * rec['a_device_copy_fraction']:.1f}% of copy" if "a_device_copy_fraction" in rec else ""
         b_dev = f", b {fmt_seconds(rec['b_device_s']).strip()}" if "b_device_s" in rec else ""
@@ -531,7 +576,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes and a small EGNN (about a minute on a CPU)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--repeats", type=int, default=None, help="alternating timing blocks (default 3 quick, else 7)")
+    p.add_argument("--repeats", type=int, default=None, help="alternating timing blocks (default 5 quick, else 7)")
     p.add_argument("--batch", type=int, default=64, help="molecules per batch for the loss / sampler comparisons")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared machine more "
