@@ -32,7 +32,6 @@ Shared timing / batch utilities (:func:`time_blocks`, :func:`time_group`, :func:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -134,11 +133,11 @@ def time_pair(fa: Callable, fb: Callable, device: torch.device, **kwargs) -> tup
 
 
 def write_json(path: str, data) -> None:
-    """Write benchmark results (a list of records, or a dict) to ``path`` as JSON, atomically, and
-    say so."""
-    from .atomic import atomic_write_text
+    """Write benchmark results (a list of records, or a dict) to ``path`` as strict JSON (a value
+    that is not a number, such as the copy record's ``ratio``, is ``null``), atomically, and say so."""
+    from .atomic import atomic_write_json
 
-    atomic_write_text(path, json.dumps(data, indent=2, default=float))
+    atomic_write_json(path, data)
     what = f"{len(data)} records" if isinstance(data, list) else "results"
     print(f"wrote {what} to {path}")
 

@@ -57,9 +57,8 @@ def _add_verify(subparsers) -> None:
 
 
 def _run_trained(args) -> int:
-    import json
 
-    from .atomic import atomic_write_text
+    from .atomic import atomic_write_json
     from .verify.trained import TRAINED_DEFAULTS, TRAINED_QUICK, format_trained_table, run_trained_check
 
     config = dict(TRAINED_QUICK if args.quick else TRAINED_DEFAULTS)
@@ -73,7 +72,7 @@ def _run_trained(args) -> int:
         return 2
     print(format_trained_table(records))
     if args.json:
-        atomic_write_text(args.json, json.dumps(records, indent=2))
+        atomic_write_json(args.json, records)
         print(f"wrote {len(records)} records to {args.json}")
     return 0
 

@@ -28,7 +28,6 @@ isometry and there is nothing for them to get wrong, so only the positive varian
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -41,7 +40,7 @@ from torch import nn
 
 import groups as _groups
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_json
 from ..diffusion import QuotientDiffusion
 from ..lie import LieGroup
 from ..quotient import Quotient
@@ -510,8 +509,8 @@ def format_table(records: Sequence[VerificationRecord]) -> str:
 
 
 def write_json(path: str, records: Sequence[VerificationRecord]) -> None:
-    """Write the records as a JSON list (atomically)."""
-    atomic_write_text(path, json.dumps([r.to_dict() for r in records], indent=2))
+    """Write the records as a strict JSON list (atomically; a non-finite number is ``null``)."""
+    atomic_write_json(path, [r.to_dict() for r in records])
 
 
 def write_plots(directory: str, case: VerificationCase, record: VerificationRecord, samples, exact) -> str:

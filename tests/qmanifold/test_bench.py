@@ -24,7 +24,11 @@ def quick_records(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     # the command line as a user runs it, one timing block per side to keep the test short
     assert cli_main(["bench", "--quick", "--repeats", "1", "--json", str(path)]) == 0
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(), parse_constant=_reject)  # strict JSON: no NaN / Infinity
+
+
+def _reject(constant):
+    raise ValueError(f"non-standard JSON constant {constant}")
 
 
 def test_bench_json_records_have_the_documented_fields(quick_records):
@@ -34,7 +38,7 @@ def test_bench_json_records_have_the_documented_fields(quick_records):
         assert REQUIRED <= set(rec), rec
         assert rec["device"] == "cpu"
         if rec["comparison"] == "copy":
-            assert rec["a_GBps"] > 0
+            assert rec["a_GBps"] > 0 and rec["b_median_s"] is None and rec["ratio"] is None  # no b side
             continue
         assert rec["a_median_s"] > 0 and rec["b_median_s"] > 0
         assert math.isclose(rec["ratio"], rec["a_median_s"] / rec["b_median_s"], rel_tol=1e-12)
