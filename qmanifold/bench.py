@@ -1,10 +1,11 @@
 """``qmanifold bench``: side-by-side timings of the quotient machinery on the current device.
 
 Everything is measured in one run, on one device, with the two sides of each comparison timed in
-alternating blocks (:func:`time_blocks`), and reported as medians and ratios ``a / b``, each ratio
-with a 95 % confidence interval from the rounds that timed both sides back to back
-(:func:`ratio_interval`; ``ratio_ci95`` in ``--json``): a ratio whose interval contains 1 is within
-the run's own timing noise.
+alternating blocks (:func:`time_blocks`), and reported as medians and the ratio of the medians
+``a / b``, and as the paired ratio (geometric mean of the per-round ratios of the rounds that timed
+both sides back to back) with its 95 % confidence interval (:func:`paired_ratio`; ``ratio_paired``
+and ``ratio_ci95`` in ``--json``): a ratio whose interval contains 1 is within the run's own timing
+noise.
 
 * ``copy``: the device's copy bandwidth (``dst.copy_(src)`` of a large buffer), the yardstick for
   the memory-bound kernels;
@@ -23,7 +24,7 @@ the run's own timing noise.
   with the same EGNN;
 * ``kabsch`` vs ``projection``: the alignment AF3 needs vs the projection the quotient loss needs.
 
-Shared timing / batch utilities (:func:`time_blocks`, :func:`time_group`, :func:`ratio_interval`,
+Shared timing / batch utilities (:func:`time_blocks`, :func:`time_group`, :func:`paired_ratio`,
 :func:`time_pair`, :func:`make_batch`,
 :func:`build_denoiser`, :func:`one_step`, :func:`training_step`) are also used by
 ``benchmarks/bench_engine.py`` and ``benchmarks/profile_train_step.py``.
@@ -42,8 +43,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "time_blocks", "time_group", "ratio_interval", "time_pair", "make_batch", "build_denoiser", "one_step",
-    "training_step", "fmt_seconds",
+    "time_blocks", "time_group", "paired_ratio", "time_pair", "make_batch", "build_denoiser", "one_step",
+    "training_step", "PrecomputedDenoiser", "fmt_seconds",
     "copy_bandwidth", "device_time", "run", "format_table", "register", "main",
 ]
 
@@ -64,7 +65,7 @@ def time_blocks(fns: dict[str, Callable], device: torch.device, *, repeats: int,
     The functions are interleaved (block of f1, block of f2, ..., repeated ``repeats`` times, the
     order rotated each round) so that changing background load affects all of them alike; entry
     ``r`` of every list is from round ``r``, so the lists can be compared round by round
-    (:func:`ratio_interval`). Each block runs ``number`` calls, chosen from the last warm-up round
+    (:func:`paired_ratio`). Each block runs ``number`` calls, chosen from the last warm-up round
     so that a block of the slowest function lasts about ``block_s``, and is bracketed by device
     synchronisation.
     """
@@ -105,25 +106,29 @@ def time_group(fns: dict[str, Callable], device: torch.device, *, repeats: int, 
                                                             block_s=block_s).items()}
 
 
-def ratio_interval(times_a: list[float], times_b: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Confidence interval of the ratio ``a / b`` from rounds that timed both (:func:`time_blocks`).
+def paired_ratio(times_a: list[float], times_b: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The ratio ``a / b`` from rounds that timed both sides (:func:`time_blocks`), with a confidence
+    interval: ``(estimate, low, high)``.
 
     The two sides of a round run back to back, so the per-round log ratio ``log(a_r / b_r)``
-    cancels load that drifts between rounds. The interval is Student's t interval of the mean log
-    ratio, exponentiated: an interval for the geometric-mean ratio, assuming the rounds are
-    independent. It says whether a ratio's distance from 1 is larger than the run's own timing
-    noise. ``(nan, nan)`` for fewer than two rounds.
+    cancels load that drifts between rounds. The estimate is the geometric mean of the per-round
+    ratios, ``exp(mean log(a_r / b_r))``, and the interval is Student's t interval of that mean
+    log ratio, exponentiated, assuming the rounds are independent. It says whether a ratio's
+    distance from 1 is larger than the run's own timing noise. (The ratio of the two medians, the
+    records' ``ratio``, is a different estimate of the same thing and can fall outside the interval
+    when a round is an outlier.) Low and high are ``nan`` for fewer than two rounds.
     """
     from scipy.stats import t as student_t
 
-    if len(times_a) != len(times_b):
+    if len(times_a) != len(times_b) or not times_a:
         raise ValueError(f"paired rounds expected, got {len(times_a)} and {len(times_b)} times")
     n = len(times_a)
-    if n < 2:
-        return float("nan"), float("nan")
     logs = np.log(np.asarray(times_a, dtype=np.float64) / np.asarray(times_b, dtype=np.float64))
+    estimate = float(np.exp(logs.mean()))
+    if n < 2:
+        return estimate, float("nan"), float("nan")
     half = student_t.ppf(0.5 + level / 2, n - 1) * logs.std(ddof=1) / np.sqrt(n)
-    return float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))
+    return estimate, float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))
 
 
 def time_pair(fa: Callable, fb: Callable, device: torch.device, **kwargs) -> tuple[float, float]:
@@ -280,6 +285,19 @@ def one_step(model, sampler: str, geometry: str, x, mask, cond, t0: float, t1: f
     return step
 
 
+class PrecomputedDenoiser(torch.nn.Module):
+    """A stand-in denoiser that returns a fixed output ``(B, N, d)`` at no cost: a sampler step with
+    it times everything the step does besides the network (the quotient machinery, the schedule
+    arithmetic, the noise)."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.register_buffer("output", output)
+
+    def forward(self, x, t, mask=None, **cond):
+        return self.output
+
+
 def training_step(quotient, net, loss: str, x1, mask, cond, gen) -> Callable:
     """A function doing one training step's forward + backward of ``loss`` with ``net``."""
     from .diffusion import QuotientDiffusion
@@ -351,9 +369,10 @@ def run(args) -> list[dict]:
                 print(f"WARNING: the fused {name} kernel failed to compile ({error}); this row and every later "
                       "one ran its torch path (marked fused_fallback in --json)", flush=True)
 
-    def compare(comparison, fa, fb, a, b, size, nbytes=None, mem=True, device_times=None):
+    def compare(comparison, fa, fb, a, b, size, nbytes=None, mem=True, device_times=None, show=True):
         """Time ``fa`` against ``fb``; ``device_times`` (default: when ``nbytes`` is given) adds the
-        CUDA-graph device time of both on a GPU."""
+        CUDA-graph device time of both on a GPU. ``show=False``: return the record without emitting it
+        (the caller adds fields, then emits)."""
         blocks = time_blocks({"a": fa, "b": fb}, device, **timing)
         ta, tb = statistics.median(blocks["a"]), statistics.median(blocks["b"])
         rec = {"comparison": comparison, "a": a, "b": b, "a_median_s": ta, "b_median_s": tb, "ratio": ta / tb,
@@ -378,7 +397,8 @@ def run(args) -> list[dict]:
                     rec[f"{side}_device_s"] = dev_s
                     if copy_bps and nbytes is not None:
                         rec[f"{side}_device_copy_fraction"] = nbytes / dev_s / copy_bps
-        emit(rec)
+        if show:
+            emit(rec)
         return rec
 
     # what the default path runs here: the Triton kernel, or (fused backend on a CPU) the torch path
@@ -472,6 +492,17 @@ def run(args) -> list[dict]:
 
             compare("loss_machinery", projection_fwd_bwd, lambda: q.align(x1, pred, mask),
                     "P_{x_t}(residual) fwd+bwd", "Kabsch align (SVD)", size.split(",egnn")[0])
+
+            # what the quotient loss adds to a training step: the one op in which it differs from the
+            # conventional loss (P_{x_t} of the residual instead of its centring), timed alone
+            def centring_fwd_bwd():
+                residual.grad = None
+                q.center(residual, mask).square().sum().backward()
+
+            rec = compare("train_machinery", projection_fwd_bwd, centring_fwd_bwd, "P_{x_t}(residual) fwd+bwd",
+                          "centre(residual) fwd+bwd", size, mem=False, show=False)
+            _added_share(rec, med["conventional"], "conventional training step")
+            emit(rec)
         if "sampler" in sections:
             quot = QuotientDiffusion(q, net, "linear", loss="quotient", validate=False)
             x_t = q.center(0.5 * x1 + 0.8 * torch.randn(x1.shape, generator=gen, device=device, dtype=dtype), mask)
@@ -482,8 +513,19 @@ def run(args) -> list[dict]:
                     # ODE step: device time too, i.e. how much of a step is the host's launch path (a
                     # CUDA graph of the step would remove it). Not for the SDE step: it draws noise
                     # from a user generator, which CUDA-graph capture refuses.
-                    compare(comp, fa, fb, "quotient", "conventional", size, mem=False,
-                            device_times=sampler == "ode")
+                    full = compare(comp, fa, fb, "quotient", "conventional", size, mem=False,
+                                   device_times=sampler == "ode")
+                    # the same steps with the network's output precomputed: everything but the network
+                    free = QuotientDiffusion(q, PrecomputedDenoiser(net(x_t, torch.full((batch,), 0.5, device=device,
+                                                                               dtype=dtype), mask=mask, **cond)),
+                                             "linear", loss="quotient", validate=False)
+                    rec = compare(comp.replace("_step", "_machinery"),
+                                  one_step(free, sampler, "quotient", x_t, mask, cond, 0.5, 0.52, gen),
+                                  one_step(free, sampler, "conventional", x_t, mask, cond, 0.5, 0.52, gen),
+                                  "quotient step, network output given", "conventional step, same", size,
+                                  mem=False, device_times=False, show=False)
+                    _added_share(rec, full["b_median_s"], "conventional step")
+                    emit(rec)
     return records
 
 
@@ -517,10 +559,19 @@ def _geomstats_comparison(compare, q, device, dtype, gen, quick):
 # output
 
 
+def _added_share(rec: dict, step_s: float, step_name: str) -> None:
+    """Add to a ``*_machinery`` record what its side a costs beyond side b, as a fraction of a whole
+    step (``added_share_of_step = (a - b) / step``): what the quotient machinery adds to that step."""
+    rec["step_s"] = step_s
+    rec["step"] = step_name
+    rec["added_share_of_step"] = (rec["a_median_s"] - rec["b_median_s"]) / step_s
+
+
 def _interval(times_a: list[float], times_b: list[float]) -> dict:
-    """``{"ratio_ci95": [lo, hi]}`` (:func:`ratio_interval`), or nothing for a single round."""
-    lo, hi = ratio_interval(times_a, times_b)
-    return {"ratio_ci95": [lo, hi]} if len(times_a) >= 2 else {}
+    """``{"ratio_paired": r, "ratio_ci95": [lo, hi]}`` (:func:`paired_ratio`), or nothing for a
+    single round."""
+    estimate, lo, hi = paired_ratio(times_a, times_b)
+    return {"ratio_paired": estimate, "ratio_ci95": [lo, hi]} if len(times_a) >= 2 else {}
 
 
 def _header(device, dtype, repeats, q) -> str:
@@ -531,13 +582,13 @@ def _header(device, dtype, repeats, q) -> str:
     st = status()
     lines = [
         f"qmanifold bench  |  torch {torch.__version__}  |  device {device} ({name})  |  threads {threads}  |  "
-        f"{dtype}  |  {repeats} alternating blocks, median per call, 95% CI of a/b from paired blocks  |  "
+        f"{dtype}  |  {repeats} alternating blocks: medians per call; paired a/b with its 95% CI  |  "
         f"Quotient backend: {q.backend}  |  "
         f"triton: {st['triton_version'] or 'no'}"
         + (f" (launches: {'direct' if st['direct_launch'] else 'through Triton'})" if st["triton"] else ""),
-        (f"{'comparison':<26} {'a':<44} {'b':<30} {'a median':>11} {'b median':>11} {'a/b':>7} {'95% CI':>17} "
+        (f"{'comparison':<26} {'a':<44} {'b':<30} {'a median':>11} {'b median':>11} {'a/b':>7} {'paired a/b [95% CI]':>23} "
          f"{'a GB/s':>8} {'a %copy':>8} {'peak a/b MiB':>14}  size"),
-        "-" * 208,
+        "-" * 214,
     ]
     return "\n".join(lines)
 
@@ -548,15 +599,24 @@ def _row(rec: dict) -> str:
     mem = ""
     if rec.get("a_peak_bytes") is not None:
         mem = f"{rec['a_peak_bytes'] / 2**20:.1f}/{rec['b_peak_bytes'] / 2**20:.1f}"
-    ci = "[{:.3f}, {:.3f}]".format(*rec["ratio_ci95"]) if "ratio_ci95" in rec else ""
     row = (f"{rec['comparison']:<26} {rec['a']:<44} {rec['b']:<30} {fmt_seconds(rec['a_median_s']):>11} "
-           f"{fmt_seconds(rec['b_median_s']):>11} {rec['ratio']:7.3f} {ci:>17} {gbps} {frac} {mem:>14}  {rec['size']}")
+           f"{fmt_seconds(rec['b_median_s']):>11} {rec['ratio']:7.3f} {format_paired(rec):>23} {gbps} {frac} {mem:>14}  {rec['size']}")
+    if "added_share_of_step" in rec:
+        row += (f"\n{'':<26}   a - b = {100 * rec['added_share_of_step']:+.2f}% of a {rec['step']} "
+                f"({fmt_seconds(rec['step_s']).strip()}): what the quotient machinery adds to it")
     if "a_device_s" in rec:
         dev_frac = f" = {100 * rec['a_device_copy_fraction']:.1f}% of copy" if "a_device_copy_fraction" in rec else ""
         b_dev = f", b {fmt_seconds(rec['b_device_s']).strip()}" if "b_device_s" in rec else ""
         row += (f"\n{'':<26}   device time (CUDA graph replay, no host launch path): a "
                 f"{fmt_seconds(rec['a_device_s']).strip()}{dev_frac}{b_dev}")
     return row
+
+
+def format_paired(rec: dict) -> str:
+    """``"1.008 [0.986, 1.031]"``: a record's paired ratio and its 95 % interval ("" without them)."""
+    if "ratio_ci95" not in rec:
+        return ""
+    return "{:.3f} [{:.3f}, {:.3f}]".format(rec["ratio_paired"], *rec["ratio_ci95"])
 
 
 def format_table(records: list[dict]) -> str:

@@ -54,6 +54,27 @@ def test_bench_pairs_are_the_ones_the_issue_names(quick_records):
     assert 0 < by_name["projection"]["a_copy_fraction"] < 1.5  # bytes / time / copy bandwidth
 
 
+def test_bench_reports_what_the_machinery_adds_to_a_step(quick_records):
+    """``*_machinery`` records time the part of a step in which quotient and conventional differ
+    (the sampler step with the network's output given; P_{x_t} vs centring of the loss residual) and
+    express a - b as a share of the whole conventional step timed in the same run."""
+    by_name = {r["comparison"]: r for r in quick_records}
+    for machinery, whole in (("sampler_machinery", "sampler_step"), ("sampler_machinery_ode", "sampler_step_ode"),
+                             ("train_machinery", "train_step")):
+        rec = by_name[machinery]
+        assert rec["step_s"] == by_name[whole]["b_median_s"]
+        assert math.isclose(rec["added_share_of_step"], (rec["a_median_s"] - rec["b_median_s"]) / rec["step_s"],
+                            rel_tol=1e-12)
+        # the network is not in it: a machinery step is far cheaper than the whole step
+        assert rec["a_median_s"] < 0.5 * by_name[whole]["a_median_s"], rec
+
+
+def test_precomputed_denoiser_returns_its_output_unchanged():
+    out = torch.randn(2, 5, 3)
+    net = bench.PrecomputedDenoiser(out)
+    assert net(torch.zeros(2, 5, 3), torch.zeros(2)) is net.output and torch.equal(net.output, out)
+
+
 def test_bench_marks_records_after_a_fused_kernel_fell_back(monkeypatch, capsys, tmp_path):
     """A fused kernel that failed to compile sends its later ops to the torch path; the rows timed
     from then on carry ``fused_fallback`` and the run prints a warning naming the kernel."""
@@ -78,27 +99,30 @@ def test_bench_reports_a_ratio_interval_from_paired_rounds(tmp_path, capsys):
     assert len(timed) >= 7
     for rec in timed:
         lo, hi = rec["ratio_ci95"]
-        assert 0 < lo <= hi and math.isfinite(hi), rec
+        assert 0 < lo <= rec["ratio_paired"] <= hi and math.isfinite(hi), rec
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("projection "))
-    assert "[{:.3f}, {:.3f}]".format(*timed[0]["ratio_ci95"]) in row
+    assert "{:.3f} [{:.3f}, {:.3f}]".format(timed[0]["ratio_paired"], *timed[0]["ratio_ci95"]) in row
 
 
-def test_ratio_interval_is_the_t_interval_of_paired_log_ratios():
+def test_paired_ratio_is_the_geometric_mean_with_the_t_interval_of_log_ratios():
     # a constant ratio gives a zero-width interval, whatever load drift the rounds share
     drift = [1.0, 3.0, 0.5, 2.0, 1.5]
-    lo, hi = bench.ratio_interval([1.1 * d for d in drift], drift)
+    est, lo, hi = bench.paired_ratio([1.1 * d for d in drift], drift)
+    assert est == pytest.approx(1.1, rel=1e-12)
     assert lo == pytest.approx(1.1, rel=1e-12) and hi == pytest.approx(1.1, rel=1e-12)
     # by hand for two rounds: logs 0 and log 2, mean log(2)/2, sd log(2)/sqrt(2), t_{0.975,1} = 12.706
-    lo, hi = bench.ratio_interval([1.0, 2.0], [1.0, 1.0])
+    est, lo, hi = bench.paired_ratio([1.0, 2.0], [1.0, 1.0])
     half = 12.7062047 * (math.log(2) / math.sqrt(2)) / math.sqrt(2)
+    assert est == pytest.approx(math.sqrt(2), rel=1e-12)
     assert lo == pytest.approx(math.exp(math.log(2) / 2 - half), rel=1e-6)
     assert hi == pytest.approx(math.exp(math.log(2) / 2 + half), rel=1e-6)
-    assert all(math.isnan(v) for v in bench.ratio_interval([1.0], [2.0]))
+    est, lo, hi = bench.paired_ratio([1.0], [2.0])
+    assert est == 0.5 and math.isnan(lo) and math.isnan(hi)
     with pytest.raises(ValueError, match="paired rounds"):
-        bench.ratio_interval([1.0, 2.0], [1.0])
+        bench.paired_ratio([1.0, 2.0], [1.0])
 
 
-def test_ratio_interval_covers_the_true_ratio_at_its_level():
+def test_paired_ratio_interval_covers_the_true_ratio_at_its_level():
     """Coverage under the model it assumes (independent log-normal noise per block, a drift shared by
     the round): 95 % of the intervals contain the true ratio. 4000 runs of 5 rounds: the standard
     error of the coverage is 0.35 %, so [93.5 %, 96.5 %] has ample room; a normal quantile instead of
@@ -109,7 +133,7 @@ def test_ratio_interval_covers_the_true_ratio_at_its_level():
     noise_a = torch.exp(0.08 * torch.randn(runs, rounds, generator=gen, dtype=torch.float64))
     noise_b = torch.exp(0.08 * torch.randn(runs, rounds, generator=gen, dtype=torch.float64))
     times_a, times_b = (true_ratio * drift * noise_a).tolist(), (drift * noise_b).tolist()
-    covered = sum(lo <= true_ratio <= hi for lo, hi in map(bench.ratio_interval, times_a, times_b))
+    covered = sum(lo <= true_ratio <= hi for _, lo, hi in map(bench.paired_ratio, times_a, times_b))
     assert 0.935 <= covered / runs <= 0.965, covered / runs
 
 
