@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 
@@ -46,16 +45,15 @@ from qmanifold.bench import (
     format_paired,
     make_batch,
     one_step,
-    paired_ratio,
+    paired_record,
     time_blocks,
     time_group,
-    time_pair,
     training_step,
     write_json,
 )
 from qmanifold.bench import fmt_seconds as _fmt
 
-__all__ = ["make_batch", "time_group", "time_pair", "run", "main"]
+__all__ = ["make_batch", "time_group", "run", "main"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,12 +77,7 @@ def run(args) -> list[dict]:
     records: list[dict] = []
 
     def emit(comparison, a, b, times_a, times_b, model_size=""):
-        ta, tb = statistics.median(times_a), statistics.median(times_b)
-        rec = {"comparison": comparison, "a": a, "b": b, "a_median_s": ta, "b_median_s": tb,
-               "ratio": ta / tb, "device": str(device), "size": size + model_size}
-        if len(times_a) >= 2:
-            paired, lo, hi = paired_ratio(times_a, times_b)
-            rec["ratio_paired"], rec["ratio_ci95"] = paired, [lo, hi]
+        rec = paired_record(comparison, a, b, times_a, times_b, device=str(device), size=size + model_size)
         records.append(rec)
         print(_row(rec), flush=True)
 

@@ -25,7 +25,7 @@ noise.
 * ``kabsch`` vs ``projection``: the alignment AF3 needs vs the projection the quotient loss needs.
 
 Shared timing / batch utilities (:func:`time_blocks`, :func:`time_group`, :func:`paired_ratio`,
-:func:`time_pair`, :func:`make_batch`,
+:func:`paired_record`, :func:`make_batch`,
 :func:`build_denoiser`, :func:`one_step`, :func:`training_step`) are also used by
 ``benchmarks/bench_engine.py`` and ``benchmarks/profile_train_step.py``.
 """
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "time_blocks", "time_group", "paired_ratio", "time_pair", "make_batch", "build_denoiser", "one_step",
+    "time_blocks", "time_group", "paired_ratio", "paired_record", "make_batch", "build_denoiser", "one_step",
     "training_step", "PrecomputedDenoiser", "fmt_seconds",
     "copy_bandwidth", "device_time", "run", "format_table", "register", "main",
 ]
@@ -131,10 +131,16 @@ def paired_ratio(times_a: list[float], times_b: list[float], level: float = 0.95
     return estimate, float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))
 
 
-def time_pair(fa: Callable, fb: Callable, device: torch.device, **kwargs) -> tuple[float, float]:
-    """:func:`time_group` for two functions: ``(median_a, median_b)`` in seconds per call."""
-    out = time_group({"a": fa, "b": fb}, device, **kwargs)
-    return out["a"], out["b"]
+def paired_record(comparison: str, a: str, b: str, times_a: list[float], times_b: list[float], **fields) -> dict:
+    """A comparison record from the per-round times of its two sides (:func:`time_blocks`): the
+    medians ``a_median_s`` / ``b_median_s``, their ``ratio``, the given ``fields`` (device, size,
+    ...), and with two or more rounds ``ratio_paired`` and ``ratio_ci95`` (:func:`paired_ratio`)."""
+    ta, tb = statistics.median(times_a), statistics.median(times_b)
+    rec = {"comparison": comparison, "a": a, "b": b, "a_median_s": ta, "b_median_s": tb, "ratio": ta / tb, **fields}
+    if len(times_a) >= 2:
+        estimate, lo, hi = paired_ratio(times_a, times_b)
+        rec["ratio_paired"], rec["ratio_ci95"] = estimate, [lo, hi]
+    return rec
 
 
 def write_json(path: str, data) -> None:
@@ -374,9 +380,8 @@ def run(args) -> list[dict]:
         CUDA-graph device time of both on a GPU. ``show=False``: return the record without emitting it
         (the caller adds fields, then emits)."""
         blocks = time_blocks({"a": fa, "b": fb}, device, **timing)
-        ta, tb = statistics.median(blocks["a"]), statistics.median(blocks["b"])
-        rec = {"comparison": comparison, "a": a, "b": b, "a_median_s": ta, "b_median_s": tb, "ratio": ta / tb,
-               "device": str(device), "size": size, **_interval(blocks["a"], blocks["b"])}
+        rec = paired_record(comparison, a, b, blocks["a"], blocks["b"], device=str(device), size=size)
+        ta, tb = rec["a_median_s"], rec["b_median_s"]
         if nbytes is not None:
             rec["bytes"] = nbytes
             rec["a_GBps"] = nbytes / ta / 1e9
@@ -477,10 +482,8 @@ def run(args) -> list[dict]:
         if "loss" in sections:
             blocks = time_blocks({k: training_step(q, net, k, x1, mask, cond, gen)
                                   for k in ("quotient", "af3_align", "conventional")}, device, **timing)
-            med = {k: statistics.median(v) for k, v in blocks.items()}
             for comp, a, b in (("loss", "quotient", "af3_align"), ("train_step", "quotient", "conventional")):
-                emit({"comparison": comp, "a": a, "b": b, "a_median_s": med[a], "b_median_s": med[b],
-                      "ratio": med[a] / med[b], "size": size, **_interval(blocks[a], blocks[b])})
+                emit(paired_record(comp, a, b, blocks[a], blocks[b], device=str(device), size=size))
             # the machinery alone: P_{x_t}(residual) forward + backward vs Kabsch alignment (SVD)
             x_t = q.center(0.5 * x1 + 0.8 * torch.randn(x1.shape, generator=gen, device=device, dtype=dtype), mask)
             pred = q.center(x1 + 0.3 * torch.randn(x1.shape, generator=gen, device=device, dtype=dtype), mask)
@@ -501,12 +504,16 @@ def run(args) -> list[dict]:
 
             rec = compare("train_machinery", projection_fwd_bwd, centring_fwd_bwd, "P_{x_t}(residual) fwd+bwd",
                           "centre(residual) fwd+bwd", size, mem=False, show=False)
-            _added_share(rec, med["conventional"], "conventional training step")
+            _added_share(rec, statistics.median(blocks["conventional"]), "conventional training step")
             emit(rec)
         if "sampler" in sections:
             quot = QuotientDiffusion(q, net, "linear", loss="quotient", validate=False)
             x_t = q.center(0.5 * x1 + 0.8 * torch.randn(x1.shape, generator=gen, device=device, dtype=dtype), mask)
             with torch.no_grad():
+                # the same steps with the network's output precomputed: everything but the network
+                t_mid = torch.full((batch,), 0.5, device=device, dtype=dtype)
+                free = QuotientDiffusion(q, PrecomputedDenoiser(net(x_t, t_mid, mask=mask, **cond)), "linear",
+                                         loss="quotient", validate=False)
                 for sampler, comp in (("sde", "sampler_step"), ("ode", "sampler_step_ode")):
                     fa = one_step(quot, sampler, "quotient", x_t, mask, cond, 0.5, 0.52, gen)
                     fb = one_step(quot, sampler, "conventional", x_t, mask, cond, 0.5, 0.52, gen)
@@ -515,10 +522,6 @@ def run(args) -> list[dict]:
                     # from a user generator, which CUDA-graph capture refuses.
                     full = compare(comp, fa, fb, "quotient", "conventional", size, mem=False,
                                    device_times=sampler == "ode")
-                    # the same steps with the network's output precomputed: everything but the network
-                    free = QuotientDiffusion(q, PrecomputedDenoiser(net(x_t, torch.full((batch,), 0.5, device=device,
-                                                                               dtype=dtype), mask=mask, **cond)),
-                                             "linear", loss="quotient", validate=False)
                     rec = compare(comp.replace("_step", "_machinery"),
                                   one_step(free, sampler, "quotient", x_t, mask, cond, 0.5, 0.52, gen),
                                   one_step(free, sampler, "conventional", x_t, mask, cond, 0.5, 0.52, gen),
@@ -565,13 +568,6 @@ def _added_share(rec: dict, step_s: float, step_name: str) -> None:
     rec["step_s"] = step_s
     rec["step"] = step_name
     rec["added_share_of_step"] = (rec["a_median_s"] - rec["b_median_s"]) / step_s
-
-
-def _interval(times_a: list[float], times_b: list[float]) -> dict:
-    """``{"ratio_paired": r, "ratio_ci95": [lo, hi]}`` (:func:`paired_ratio`), or nothing for a
-    single round."""
-    estimate, lo, hi = paired_ratio(times_a, times_b)
-    return {"ratio_paired": estimate, "ratio_ci95": [lo, hi]} if len(times_a) >= 2 else {}
 
 
 def _header(device, dtype, repeats, q) -> str:
