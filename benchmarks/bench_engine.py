@@ -38,7 +38,7 @@ import time
 
 import torch
 
-import groups
+from qmanifold import groups
 from qmanifold import Quotient, QuotientDiffusion
 from qmanifold.bench import (
     build_denoiser,

@@ -30,7 +30,7 @@ VARIANTS = ((None, None), (4, None), (16, None), (None, 1))
 
 
 def sweep(device: torch.device, sizes, variants=VARIANTS, group_names=("SE3",)) -> list[dict]:
-    import groups
+    from qmanifold import groups
     from qmanifold.kernels import FusedGeometry
     from qmanifold.kernels.aot import compile_op
 

@@ -59,7 +59,7 @@ def _ops(geom, batch: int, points: int, device):
 
 
 def measure(device: torch.device, sizes, repeats: int) -> list[dict]:
-    import groups
+    from qmanifold import groups
     from qmanifold.kernels import FusedGeometry
 
     fake = device.type != "cuda"
@@ -105,7 +105,7 @@ def _fake_driver():
 def compare_specialization(arch: int = 90) -> list[dict]:
     """Compile the hot SE(3) and T^2 kernels for sm_``arch`` with and without Triton's alignment /
     divisibility specialisation; registers, spills and vector loads / stores of each."""
-    import groups
+    from qmanifold import groups
     from qmanifold.kernels import FusedGeometry
     from qmanifold.kernels.aot import compile_plan
 

@@ -48,7 +48,7 @@ def _self_time(event, cuda: bool) -> float:
 
 
 def profile_losses(device: torch.device, *, quick: bool, steps: int, batch: int, top: int = 12) -> dict:
-    import groups
+    from qmanifold import groups
     from qmanifold import Quotient
 
     dtype = torch.float32

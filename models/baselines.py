@@ -1,7 +1,7 @@
 r"""Classical conformer baseline: RDKit ETKDG (v3), optionally refined with the MMFF94 force field.
 
 The conformers are generated for exactly the molecular graphs that the model samples (same atom
-order, same identifiers) and written with :func:`models.sampling.write_sdf`, so
+order, same identifiers) and written with :func:`qmanifold.models.sampling.write_sdf`, so
 ``qmanifold evaluate`` scores both the same way::
 
     qmanifold baseline --method etkdg --mmff --data qm9 --split test --limit 25 \
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.sampling import MoleculeInputError, MolGraph, template_mol
+from qmanifold.models.sampling import MoleculeInputError, MolGraph, template_mol
 
 __all__ = ["METHODS", "etkdg_conformers", "baseline_conformers"]
 

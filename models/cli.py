@@ -2,11 +2,11 @@
 
 The main ``qmanifold`` program adds them with :func:`register`; standalone::
 
-    python -m models.cli train --data qm9-extract --steps 200 --out runs/demo --hidden 64 --layers 4
-    python -m models.cli sample --checkpoint runs/demo/best.pt --data qm9-extract --split test \\
+    python -m qmanifold.models.cli train --data qm9-extract --steps 200 --out runs/demo --hidden 64 --layers 4
+    python -m qmanifold.models.cli sample --checkpoint runs/demo/best.pt --data qm9-extract --split test \\
         --limit 10 --n-per-molecule 4 --out runs/demo/samples.sdf
-    python -m models.cli evaluate --samples runs/demo/samples.sdf --json runs/demo/eval.json --plots runs/demo/plots
-    python -m models.cli baseline --method etkdg --mmff --data qm9-extract --split test --limit 10 \\
+    python -m qmanifold.models.cli evaluate --samples runs/demo/samples.sdf --json runs/demo/eval.json --plots runs/demo/plots
+    python -m qmanifold.models.cli baseline --method etkdg --mmff --data qm9-extract --split test --limit 10 \\
         --n-per-molecule 4 --out runs/etkdg.sdf
 
 Every handler returns an exit code: 0 on success, 2 for bad input (the message, starting with
@@ -116,7 +116,7 @@ def _add_train(sub) -> None:
 @_guard
 def cmd_train(args: argparse.Namespace) -> int:
     """Handler of ``train``."""
-    from models.training import TrainConfig, train
+    from qmanifold.models.training import TrainConfig, train
 
     model_kwargs = {}
     if args.model_kwargs:
@@ -167,9 +167,9 @@ def _add_molecule_args(p, need_checkpoint: bool) -> None:
 def _select_graphs(args, elements, heavy_atoms_only: bool):
     """Graphs of the requested molecules; ``elements`` None: the data's own list (H, C, N, O, F
     for SMILES)."""
-    from models.data import ELEMENTS
-    from models.sampling import graph_from_smiles, graphs_from_dataset
-    from models.training import dataset_split, load_molecules, select_rows
+    from qmanifold.models.data import ELEMENTS
+    from qmanifold.models.sampling import graph_from_smiles, graphs_from_dataset
+    from qmanifold.models.training import dataset_split, load_molecules, select_rows
 
     if args.smiles:
         graphs = [graph_from_smiles(s, ELEMENTS if elements is None else elements, heavy_atoms_only) for s in args.smiles]
@@ -216,8 +216,8 @@ def _add_sample(sub) -> None:
 @_guard
 def cmd_sample(args: argparse.Namespace) -> int:
     """Handler of ``sample``."""
-    from models.sampling import make_records, sample_conformers, write_sdf, write_xyz
-    from models.training import diffusion_from_checkpoint, load_checkpoint, resolve_device
+    from qmanifold.models.sampling import make_records, sample_conformers, write_sdf, write_xyz
+    from qmanifold.models.training import diffusion_from_checkpoint, load_checkpoint, resolve_device
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
@@ -266,7 +266,7 @@ def _add_evaluate(sub) -> None:
 @_guard
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``evaluate``."""
-    from models.evaluation import evaluate_samples, plot_evaluation, write_json
+    from qmanifold.models.evaluation import evaluate_samples, plot_evaluation, write_json
 
     if not args.threshold > 0:
         raise ValueError(f"--threshold must be positive, got {args.threshold}")
@@ -310,8 +310,8 @@ def _add_baseline(sub) -> None:
 @_guard
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Handler of ``baseline``."""
-    from models.baselines import baseline_conformers
-    from models.sampling import make_records, write_sdf, write_xyz
+    from qmanifold.models.baselines import baseline_conformers
+    from qmanifold.models.sampling import make_records, write_sdf, write_xyz
 
     graphs = _select_graphs(args, None, args.heavy_atoms_only)
     t0 = time.time()
@@ -344,8 +344,8 @@ def register(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point: ``python -m models.cli {train,sample,evaluate,baseline} ...``."""
-    parser = argparse.ArgumentParser(prog="python -m models.cli", description="qmanifold molecule commands")
+    """Standalone entry point: ``python -m qmanifold.models.cli {train,sample,evaluate,baseline} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m qmanifold.models.cli", description="qmanifold molecule commands")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 r"""E(3)-equivariant graph network denoiser (EGNN-style, Satorras et al. 2021).
 
-Call convention (shared by every denoiser in :mod:`models.networks`)::
+Call convention (shared by every denoiser in :mod:`qmanifold.models.networks`)::
 
     out = model(x_t, t, mask=mask, atom_types=atom_types, bond_types=bond_types)
 
@@ -28,7 +28,7 @@ nothing is added back, so the output is always a centred configuration.
 Architecture. Node features ``h_i^0 = E_atom(a_i) + E_time(t)``; static edge
 features ``e_ij = E_bond(b_ij)``; per layer ``l`` with current coordinates
 ``x^l`` (``x^0`` = centred input), ``r_ij = x_i - x_j``, ``d_ij = |r_ij|``
-and ``\phi(d)`` = :class:`~models.embeddings.DistanceExpansion`:
+and ``\phi(d)`` = :class:`~qmanifold.models.embeddings.DistanceExpansion`:
 
 .. math::
     m_{ij} &= \mathrm{MLP}_e\big(\bar h_i, \bar h_j, \phi(d_{ij}), e_{ij}\big),
@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.embeddings import (
+from qmanifold.models.embeddings import (
     AtomEmbedding,
     BondEmbedding,
     DenoiserBase,

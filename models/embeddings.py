@@ -1,6 +1,6 @@
 """Shared building blocks for the molecular denoiser networks.
 
-This module holds what :mod:`models.egnn` and :mod:`models.transformer` have in
+This module holds what :mod:`qmanifold.models.egnn` and :mod:`qmanifold.models.transformer` have in
 common:
 
 * :func:`sinusoidal_time_features` / :class:`TimeEmbedding` -- diffusion time
@@ -349,7 +349,7 @@ class DenoiserBase(nn.Module):
 
     Subclasses set ``self.config`` (a dict of their constructor arguments, so
     that ``type(model)(**model.config)`` rebuilds the architecture) and a
-    class attribute ``name`` (the registry key in :mod:`models.networks`).
+    class attribute ``name`` (the registry key in :mod:`qmanifold.models.networks`).
     """
 
     name: str = ""

@@ -1,7 +1,7 @@
 r"""Scoring generated conformers against reference geometries (RMSD coverage, geometry, validity).
 
-Inputs are SDF files written by :mod:`models.sampling` (``qmanifold sample``) or
-:mod:`models.baselines` (``qmanifold baseline``): each record holds the molecular graph, one
+Inputs are SDF files written by :mod:`qmanifold.models.sampling` (``qmanifold sample``) or
+:mod:`qmanifold.models.baselines` (``qmanifold baseline``): each record holds the molecular graph, one
 conformer (Å) and ``qm_*`` properties that name its source molecule (``qm_dataset``,
 ``qm_index``). References come from that dataset (or ``reference=``): the DFT geometry of each
 QM9 molecule.
@@ -219,7 +219,7 @@ def _elem_key(z: int) -> tuple[int, int]:
 
 
 def _symbol(z: int) -> str:
-    from models.data.io import element_symbol
+    from qmanifold.models.data.io import element_symbol
 
     return element_symbol(int(z))
 
@@ -284,7 +284,7 @@ def distribution_distances(generated: Mapping[str, Sequence[float]], reference: 
 
 def connectivity_matches(positions: np.ndarray, atomic_numbers: np.ndarray, bond_types: np.ndarray) -> bool:
     """Whether RDKit's connectivity perceived from ``positions`` equals the graph's bonds."""
-    from models.data.io import perceive_bonds
+    from qmanifold.models.data.io import perceive_bonds
 
     pairs = perceive_bonds(np.asarray(positions, dtype=np.float64), np.asarray(atomic_numbers))
     found = {(int(i), int(j)) for i, j in np.asarray(pairs).reshape(-1, 2)}
@@ -308,7 +308,7 @@ _PER_RECORD_PROPS = {"qm_source", "qm_index", "qm_smiles", "qm_sample", "qm_data
 def _load_reference(spec: str, heavy_atoms_only: bool, cache: dict):
     key = (spec, heavy_atoms_only)
     if key not in cache:
-        from models.training import load_molecules
+        from qmanifold.models.training import load_molecules
 
         cache[key] = load_molecules(spec, heavy_atoms_only=heavy_atoms_only, progress=False)
     return cache[key]
@@ -337,7 +337,7 @@ def evaluate_samples(samples: str | os.PathLike | Sequence[dict], reference: str
         ValueError: a record whose graph or atom count does not match its reference molecule, a
             record without a source identifier, or an unknown reference molecule.
     """
-    from models.sampling import graphs_from_dataset, mol_with_coordinates
+    from qmanifold.models.sampling import graphs_from_dataset, mol_with_coordinates
 
     path = None
     if isinstance(samples, (str, os.PathLike)):
@@ -460,7 +460,7 @@ def evaluate_samples(samples: str | os.PathLike | Sequence[dict], reference: str
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomic JSON write (keys starting with ``_`` at the top level are dropped)."""
-    from models.sampling import atomic_write_text
+    from qmanifold.models.sampling import atomic_write_text
 
     if isinstance(obj, dict):
         obj = {k: v for k, v in obj.items() if not str(k).startswith("_")}

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.egnn import EGNNDenoiser
-from models.embeddings import DenoiserBase
-from models.transformer import TransformerDenoiser
+from qmanifold.models.egnn import EGNNDenoiser
+from qmanifold.models.embeddings import DenoiserBase
+from qmanifold.models.transformer import TransformerDenoiser
 
 __all__ = ["DENOISERS", "available_denoisers", "build_denoiser", "EGNNDenoiser", "TransformerDenoiser"]
 

@@ -1,6 +1,6 @@
 r"""Conformers from a trained checkpoint (or any coordinates) to SDF / XYZ files.
 
-Pieces (functional core; the ``sample`` command in :mod:`models.cli` strings them together):
+Pieces (functional core; the ``sample`` command in :mod:`qmanifold.models.cli` strings them together):
 
 * :class:`MolGraph` -- one molecular graph to sample: atomic numbers ``(N,)``, atom types ``(N,)``
   (index into the model's element list), bond types ``(N, N)`` (0 none / 1 single / 2 double /
@@ -113,7 +113,7 @@ def _rdkit():
 
 
 def _element_symbol(z: int) -> str:
-    from models.data.io import element_symbol
+    from qmanifold.models.data.io import element_symbol
 
     return element_symbol(int(z))
 
@@ -184,7 +184,7 @@ def graph_from_smiles(smiles: str, elements: Sequence[int], heavy_atoms_only: bo
 
 
 def graphs_from_dataset(ds, spec: str, rows: Iterable[int] | None = None) -> list[MolGraph]:
-    """:class:`MolGraph` s of the molecules of a :class:`~models.data.MoleculeDataset`.
+    """:class:`MolGraph` s of the molecules of a :class:`~qmanifold.models.data.MoleculeDataset`.
 
     Args:
         ds: the dataset (its element list defines ``atom_types``).
@@ -365,7 +365,7 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
 
     Args:
         qd: a :class:`~qmanifold.QuotientDiffusion` (e.g. from
-            :func:`models.training.diffusion_from_checkpoint`).
+            :func:`qmanifold.models.training.diffusion_from_checkpoint`).
         graphs: the molecules.
         n_per_molecule: conformers per molecule ``M``.
         steps / sampler: passed to ``qd.sample`` (geometry from the training loss).

@@ -2,7 +2,7 @@ r"""Training molecular denoisers with :class:`qmanifold.QuotientDiffusion`: loop
 
 Quick start (Python)::
 
-    from models.training import TrainConfig, train
+    from qmanifold.models.training import TrainConfig, train
     summary = train(TrainConfig(data="qm9-extract", model="egnn", loss="quotient",
                                 steps=500, out="runs/demo", hidden=64, layers=4))
 
@@ -175,7 +175,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check the values; returns ``self``. Raises ``ValueError`` naming the bad field."""
-        from models.networks import available_denoisers
+        from qmanifold.models.networks import available_denoisers
         from qmanifold.diffusion import LOSSES, PREDICTIONS
 
         if self.model.lower() not in available_denoisers():
@@ -306,13 +306,13 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
 
 def load_molecules(spec: str, heavy_atoms_only: bool = False, max_atoms: int | None = None,
                    elements: Sequence[int] | None = None, progress: bool = True):
-    """Load a dataset spec (see :func:`models.data.load_dataset`), optionally heavy-atom only,
+    """Load a dataset spec (see :func:`qmanifold.models.data.load_dataset`), optionally heavy-atom only,
     re-typed to ``elements`` and restricted to molecules with at most ``max_atoms`` atoms.
 
     Raises:
         ValueError: unknown spec, unreadable file, or no molecule left after the filter.
     """
-    from models.data import load_dataset
+    from qmanifold.models.data import load_dataset
 
     kwargs: dict[str, Any] = {}
     if str(spec).strip().lower() == "qm9":
@@ -371,13 +371,13 @@ def epoch_batches(num_atoms: np.ndarray, batch_size: int, seed: int, epoch: int,
                   rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """This rank's batches (lists of dataset rows) for ``epoch``.
 
-    Size-bucketed batches of :class:`~models.data.SizeBucketBatchSampler` (shuffled with
+    Size-bucketed batches of :class:`~qmanifold.models.data.SizeBucketBatchSampler` (shuffled with
     ``(seed, epoch)``), truncated to a multiple of ``world_size`` and dealt round-robin.
 
     Raises:
         ValueError: fewer batches than processes.
     """
-    from models.data import SizeBucketBatchSampler
+    from qmanifold.models.data import SizeBucketBatchSampler
 
     sampler = SizeBucketBatchSampler(num_atoms, batch_size, shuffle=True, seed=seed, drop_last=False)
     sampler.set_epoch(epoch)
@@ -407,7 +407,7 @@ def build_diffusion(denoiser: nn.Module, loss: str, interpolant: str = "linear",
                     augment: bool = False):
     """``QuotientDiffusion(Quotient(SE3), denoiser, ...)`` (molecules: rigid motions of R^3)."""
     import qmanifold
-    from groups import SE3
+    from qmanifold.groups import SE3
 
     return qmanifold.QuotientDiffusion(qmanifold.Quotient(SE3), denoiser, interpolant=interpolant,
                                        prediction=prediction, loss=loss, augment=augment)
@@ -556,7 +556,7 @@ def diffusion_from_checkpoint(ckpt: dict | str | os.PathLike, device: str | torc
     Raises:
         CheckpointError: unknown model name or weights that do not fit the stored architecture.
     """
-    from models.networks import available_denoisers, build_denoiser
+    from qmanifold.models.networks import available_denoisers, build_denoiser
 
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
@@ -655,7 +655,7 @@ def train(cfg: TrainConfig) -> dict:
         ValueError: bad configuration / data; FileExistsError: ``out`` holds a run and ``resume``
         is off; CheckpointError: ``resume`` with an unreadable ``last.pt``.
     """
-    from models.networks import build_denoiser
+    from qmanifold.models.networks import build_denoiser
 
     cfg.validate()
     info, device = init_distributed(cfg.device)
@@ -749,7 +749,7 @@ def train(cfg: TrainConfig) -> dict:
 
     val_batches = None
     if info.is_main:
-        from models.data import collate_molecules
+        from qmanifold.models.data import collate_molecules
 
         order = np.argsort(val_ds.num_atoms, kind="stable")
         val_batches = [_to_device(collate_molecules([val_ds[int(i)] for i in order[s:s + VAL_BATCH]]), device, dtype)
@@ -805,7 +805,7 @@ def train(cfg: TrainConfig) -> dict:
             log({"kind": "val", "step": step, **val, "ema": ema_model is not None, "time": round(elapsed(), 3)})
         return val
 
-    from models.data import collate_molecules
+    from qmanifold.models.data import collate_molecules
 
     num_atoms = train_ds.num_atoms
     batches = epoch_batches(num_atoms, cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size)

@@ -1,6 +1,6 @@
 r"""Non-equivariant transformer denoiser with pairwise (graph + distance) attention bias.
 
-Call convention (shared by every denoiser in :mod:`models.networks`)::
+Call convention (shared by every denoiser in :mod:`qmanifold.models.networks`)::
 
     out = model(x_t, t, mask=mask, atom_types=atom_types, bond_types=bond_types)
 
@@ -22,7 +22,7 @@ Architecture. Tokens
 .. math:: h_i^0 = W_x x_i + E_\text{atom}(a_i) + E_\text{time}(t),
 
 pair features ``p_ij = MLP_p(E_bond(b_ij), phi(d_ij))`` computed once from the
-input distances (``phi`` = :class:`~models.embeddings.DistanceExpansion`), and
+input distances (``phi`` = :class:`~qmanifold.models.embeddings.DistanceExpansion`), and
 ``L`` pre-LayerNorm blocks
 
 .. math::
@@ -42,7 +42,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.embeddings import (
+from qmanifold.models.embeddings import (
     AtomEmbedding,
     BondEmbedding,
     DenoiserBase,

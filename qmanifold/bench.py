@@ -265,11 +265,11 @@ def make_batch(batch: int = 64, n_max: int = 29, *, seed: int = 0, device="cpu",
 def build_denoiser(name: str, device, dtype, **kwargs) -> torch.nn.Module:
     """The denoiser at its default size (EGNN: hidden 128, 6 layers) unless ``kwargs`` say otherwise."""
     if name == "egnn":
-        from models.egnn import EGNNDenoiser
+        from qmanifold.models.egnn import EGNNDenoiser
 
         net = EGNNDenoiser(**kwargs)
     elif name == "transformer":
-        from models.transformer import TransformerDenoiser
+        from qmanifold.models.transformer import TransformerDenoiser
 
         net = TransformerDenoiser(**kwargs)
     else:
@@ -329,8 +329,7 @@ def _sizes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
 
 def run(args) -> list[dict]:
     """Run the comparisons selected by ``args`` (see :func:`register`); returns the records."""
-    import groups
-
+    from qmanifold import groups
     from . import so3
     from .diffusion import QuotientDiffusion
     from .kernels import FusedGeometry, status

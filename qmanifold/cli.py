@@ -129,8 +129,7 @@ def _run_info(args) -> int:
     import sympy
     import torch
 
-    import groups
-
+    from qmanifold import groups
     from .quotient import Quotient
 
     name = args.group
@@ -162,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(subparsers)
     _add_info(subparsers)
     try:
-        from models.cli import register as register_models
+        from qmanifold.models.cli import register as register_models
     except ModuleNotFoundError as exc:  # the molecular plug-ins are optional
         if exc.name not in ("models", "models.cli"):
             raise

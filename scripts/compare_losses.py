@@ -6,7 +6,7 @@ sampler (quotient geometry for the quotient loss, conventional for the baselines
 ``QuotientDiffusion``) on the same test molecules, and scored with ``evaluate``. The RDKit
 ETKDG + MMFF baseline runs on the same molecules with the same number of conformers.
 
-Every step is an ordinary CLI call (``python -m models.cli ...`` = ``qmanifold ...``); the exact
+Every step is an ordinary CLI call (``python -m qmanifold.models.cli ...`` = ``qmanifold ...``); the exact
 commands are written to ``OUT/commands.sh`` and the results to ``OUT/results.json`` and
 ``OUT/table.md``. Re-running continues where it stopped (training resumes from ``last.pt``;
 finished samples / evaluations are kept unless ``--force``).
@@ -80,7 +80,7 @@ class Runner:
                         OMP_NUM_THREADS=str(threads))
         if not os.path.exists(self.commands_path):
             with open(self.commands_path, "w") as fh:
-                fh.write("#!/bin/sh\n# commands run by scripts/compare_losses.py (qmanifold X == python -m models.cli X)\nset -e\n")
+                fh.write("#!/bin/sh\n# commands run by scripts/compare_losses.py (qmanifold X == python -m qmanifold.models.cli X)\nset -e\n")
 
     def record(self, cmd: list[str]) -> None:
         with open(self.commands_path, "a") as fh:
@@ -118,12 +118,12 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     runner = Runner(out, args.threads)
-    py = [sys.executable, "-m", "models.cli"]
+    py = [sys.executable, "-m", "qmanifold.models.cli"]
     heavy = [] if args.all_atoms else ["--heavy-atoms-only"]
     t_all = time.time()
 
     # 0. make sure the dataset is parsed and cached once (not by 2 jobs at the same time)
-    from models.training import load_molecules
+    from qmanifold.models.training import load_molecules
 
     load_molecules(args.data, progress=True)
 
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     eval_wall = time.time() - t0
 
     # 3. table
-    from models.evaluation import summarize_runs
+    from qmanifold.models.evaluation import summarize_runs
 
     results = {m: [_read_json(os.path.join(run, "eval.json")) for run, _ in items] for m, items in evals.items()}
     table = summarize_runs(results)

@@ -2,14 +2,14 @@
 
 Quick start::
 
-    from models.data import load_dataset, make_dataloader
+    from qmanifold.models.data import load_dataset, make_dataloader
     ds = load_dataset("qm9-extract")          # pure numpy, 500 molecules
     train = ds.split("train")
     loader = make_dataloader(train, batch_size=32)
     batch = next(iter(loader))                # dict: positions (B, N, 3) Å, mask, atom_types, ...
 
-See :mod:`models.data.io` for the item/storage format, :mod:`models.data.batching` for the batch
-format and :mod:`models.data.qm9` for how QM9 bond graphs are built and split. Importing this
+See :mod:`qmanifold.models.data.io` for the item/storage format, :mod:`qmanifold.models.data.batching` for the batch
+format and :mod:`qmanifold.models.data.qm9` for how QM9 bond graphs are built and split. Importing this
 package needs neither RDKit nor qm9pack.
 """
 

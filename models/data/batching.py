@@ -194,7 +194,7 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int = 
     """A :class:`~torch.utils.data.DataLoader` yielding padded batches of ``dataset``.
 
     Args:
-        dataset: a :class:`~models.data.io.MoleculeDataset` (needs ``num_atoms`` when ``bucket``).
+        dataset: a :class:`~qmanifold.models.data.io.MoleculeDataset` (needs ``num_atoms`` when ``bucket``).
         batch_size: molecules per batch.
         shuffle: reshuffle each epoch.
         seed: seed of the bucketing sampler / the shuffling generator.

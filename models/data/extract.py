@@ -2,14 +2,14 @@
 
 The extract holds the first 300 train, 100 valid and 100 test molecules of the standard split
 (in the split's permutation order, i.e. a uniformly random subset of each split; molecules that
-fail processing are passed over), processed exactly like :func:`models.data.qm9.load_qm9`, with
-their QM9 ids in ``.indices``. It is read by :func:`models.data.qm9.load_qm9_extract` with numpy
+fail processing are passed over), processed exactly like :func:`qmanifold.models.data.qm9.load_qm9`, with
+their QM9 ids in ``.indices``. It is read by :func:`qmanifold.models.data.qm9.load_qm9_extract` with numpy
 only. A small JSON file next to it records the provenance and the ids per split.
 
 Regenerate with (needs RDKit and qm9pack)::
 
-    python -m models.data.extract            # writes models/data/qm9_extract.npz + .json
-    python -m models.data.extract --out /tmp/x.npz --train 50 --valid 10 --test 10
+    python -m qmanifold.models.data.extract            # writes models/data/qm9_extract.npz + .json
+    python -m qmanifold.models.data.extract --out /tmp/x.npz --train 50 --valid 10 --test 10
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def build_qm9_extract(
         "counts": dict(zip(SPLIT_NAMES, counts)),
         "passed_over": passed_over,
         "bond_tolerance": pool.metadata.get("bond_tolerance"),
-        "build_command": "python -m models.data.extract",
+        "build_command": "python -m qmanifold.models.data.extract",
     }
     out = MoleculeDataset.from_arrays(sub.to_arrays())
     out.source = "qm9-extract"

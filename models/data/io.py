@@ -1,6 +1,6 @@
 """Compact molecule storage and user-data readers.
 
-This module holds the container every loader in :mod:`models.data` returns,
+This module holds the container every loader in :mod:`qmanifold.models.data` returns,
 :class:`MoleculeDataset`, and the readers for user-supplied data:
 
 * :func:`load_npz_ensemble` -- an ``.npz`` with an ensemble of conformations of one molecule;
@@ -1076,8 +1076,8 @@ _DATASET_SPECS = ("qm9", "qm9-extract", "<path>.npz", "<path>.sdf")
 def load_dataset(spec: str | os.PathLike, **kwargs: Any) -> MoleculeDataset:
     """Load a dataset from a short spec.
 
-    * ``"qm9"`` -> :func:`models.data.qm9.load_qm9` (full QM9, cached);
-    * ``"qm9-extract"`` -> :func:`models.data.qm9.load_qm9_extract` (committed, pure numpy);
+    * ``"qm9"`` -> :func:`qmanifold.models.data.qm9.load_qm9` (full QM9, cached);
+    * ``"qm9-extract"`` -> :func:`qmanifold.models.data.qm9.load_qm9_extract` (committed, pure numpy);
     * a path ending in ``.npz`` -> a qmanifold dataset file written by
       :meth:`MoleculeDataset.save` if it has that layout, else :func:`load_npz_ensemble`;
     * a path ending in ``.sdf`` -> :func:`load_sdf`.

@@ -106,7 +106,7 @@ QM9_SIZE = 130_831
 QM9_SPLIT_SIZES: tuple[int, int, int] = (100_000, 17_748, 13_083)
 #: Bump when the processing changes; old caches are then rebuilt.
 PROCESSING_VERSION = 1
-#: The committed extract (see :mod:`models.data.extract`).
+#: The committed extract (see :mod:`qmanifold.models.data.extract`).
 EXTRACT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qm9_extract.npz")
 
 _CSV_NAMES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
@@ -797,11 +797,11 @@ def load_qm9_extract(
 
     Raises:
         FileNotFoundError: the extract file is missing (regenerate it with
-            ``python -m models.data.extract``).
+            ``python -m qmanifold.models.data.extract``).
     """
     p = EXTRACT_PATH if path is None else os.fspath(path)
     if not os.path.exists(p):
-        raise FileNotFoundError(f"QM9 extract not found at {p}; regenerate it with `python -m models.data.extract`")
+        raise FileNotFoundError(f"QM9 extract not found at {p}; regenerate it with `python -m qmanifold.models.data.extract`")
     ds = MoleculeDataset.load(p, heavy_atoms_only=heavy_atoms_only)
     if tuple(elements) != ds.elements:
         ds = ds.with_elements(elements)

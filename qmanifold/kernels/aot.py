@@ -229,8 +229,7 @@ def format_reports(reports: list[CompileReport]) -> str:
 
 
 def _group(name: str):
-    import groups
-
+    from qmanifold import groups
     if name.startswith("Torus"):
         return groups.Torus(int(name[5:]))
     if not hasattr(groups, name):

@@ -38,8 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import groups as _groups
-
+from qmanifold import groups as _groups
 from ..atomic import atomic_write_json
 from ..diffusion import QuotientDiffusion
 from ..lie import LieGroup

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import (
+from qmanifold.models.data import (
     ELEMENTS,
     QM9_SPLIT_SIZES,
     MoleculeDataset,
@@ -29,7 +29,7 @@ from models.data import (
     save_npz_ensemble,
     standard_split,
 )
-from models.data.qm9 import EXTRACT_PATH
+from qmanifold.models.data.qm9 import EXTRACT_PATH
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,7 +40,7 @@ def _rdkit():
 
 def _qm9_source():
     _rdkit()
-    from models.data.qm9 import qm9_data_dir
+    from qmanifold.models.data.qm9 import qm9_data_dir
 
     try:
         qm9_data_dir()
@@ -57,7 +57,7 @@ def extract() -> MoleculeDataset:
 def qm9_head(tmp_path_factory):
     """The first 120 rows of the QM9 CSVs, parsed end to end (cached in a temp folder)."""
     _qm9_source()
-    from models.data import load_qm9
+    from qmanifold.models.data import load_qm9
 
     cache = tmp_path_factory.mktemp("qm9cache")
     return load_qm9(cache_dir=str(cache), limit=120, progress=False), str(cache)
@@ -73,7 +73,7 @@ def test_extract_loads_without_rdkit_or_qm9pack():
         "import sys\n"
         "sys.modules['rdkit'] = None\n"
         "sys.modules['qm9pack'] = None\n"
-        "from models.data import load_qm9_extract, collate_molecules\n"
+        "from qmanifold.models.data import load_qm9_extract, collate_molecules\n"
         "ds = load_qm9_extract()\n"
         "b = collate_molecules([ds[i] for i in range(4)])\n"
         "print(len(ds), *[len(ds.split(s)) for s in ('train', 'valid', 'test')])\n"
@@ -102,7 +102,7 @@ def test_extract_file_is_small_and_traceable(extract):
 
 def test_extract_split_labels_agree_with_standard_split(extract):
     _qm9_source()
-    from models.data.qm9 import scan_qm9_indices
+    from qmanifold.models.data.qm9 import scan_qm9_indices
 
     universe = scan_qm9_indices()
     assert universe.size == 130_831
@@ -408,7 +408,7 @@ def test_parse_qm9_rows_end_to_end(qm9_head, extract):
     assert first["bond_types"][0, 1:].tolist() == [1, 1, 1, 1]
     assert np.allclose(first["positions"][0], [-0.0126981359, 1.0858041578, 0.0080009958], atol=1e-6)
     # split labels are those of the full standard split
-    from models.data.qm9 import scan_qm9_indices
+    from qmanifold.models.data.qm9 import scan_qm9_indices
 
     parts = standard_split(scan_qm9_indices())
     for k, name in enumerate(("train", "valid", "test")):
@@ -434,8 +434,8 @@ def test_strained_cage_bonds_not_overcounted(qm9_head):
 
 
 def test_qm9_cache_reload_and_corrupt_cache(qm9_head):
-    from models.data import load_qm9
-    from models.data.qm9 import _cache_path
+    from qmanifold.models.data import load_qm9
+    from qmanifold.models.data.qm9 import _cache_path
 
     ds, cache = qm9_head
     path = _cache_path(cache, 120)
@@ -453,7 +453,7 @@ def test_qm9_cache_reload_and_corrupt_cache(qm9_head):
 
 
 def test_qm9_cache_dir_env_var(monkeypatch, tmp_path):
-    from models.data import default_cache_dir
+    from qmanifold.models.data import default_cache_dir
 
     monkeypatch.setenv("QMANIFOLD_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == str(tmp_path / "c")
@@ -463,7 +463,7 @@ def test_qm9_cache_dir_env_var(monkeypatch, tmp_path):
 
 def test_process_row_skip_reasons():
     _rdkit()
-    from models.data.qm9 import _process_row
+    from qmanifold.models.data.qm9 import _process_row
 
     xyz = "[[0.,0.,0.],[0.,0.,1.09],[1.03,0.,-0.36],[-0.51,0.89,-0.36],[-0.51,-0.89,-0.36]]"
     els = "['C','H','H','H','H']"
@@ -481,7 +481,7 @@ def test_process_row_skip_reasons():
 
 def test_match_smiles_to_geometry_is_order_invariant(extract):
     _rdkit()
-    from models.data import GraphMatchError, match_smiles_to_geometry
+    from qmanifold.models.data import GraphMatchError, match_smiles_to_geometry
 
     rng = np.random.default_rng(0)
     for k in (3, 150, 321, 444):
@@ -646,7 +646,7 @@ def test_sdf_roundtrip_with_broken_record(tmp_path):
     from rdkit import Chem
     from rdkit.Chem import AllChem
 
-    from models.data import load_sdf
+    from qmanifold.models.data import load_sdf
 
     path = tmp_path / "mols.sdf"
     written, blocks = [], []
@@ -682,7 +682,7 @@ def test_sdf_roundtrip_with_broken_record(tmp_path):
 
 def test_sdf_all_broken_raises(tmp_path):
     _rdkit()
-    from models.data import load_sdf
+    from qmanifold.models.data import load_sdf
 
     path = tmp_path / "bad.sdf"
     path.write_text(_BROKEN_RECORD)

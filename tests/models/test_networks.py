@@ -9,15 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.egnn import EGNNDenoiser
-from models.embeddings import (
+from qmanifold.models.egnn import EGNNDenoiser
+from qmanifold.models.embeddings import (
     DistanceExpansion,
     TimeEmbedding,
     masked_mean,
     sinusoidal_time_features,
 )
-from models.networks import available_denoisers, build_denoiser
-from models.transformer import TransformerDenoiser
+from qmanifold.models.networks import available_denoisers, build_denoiser
+from qmanifold.models.transformer import TransformerDenoiser
 
 SMALL = {
     "egnn": dict(hidden=32, layers=3, edge_dim=8, num_rbf=16),
@@ -265,7 +265,7 @@ def test_all_parameters_receive_gradients(name):
 def test_training_step_and_sampling_have_no_host_sync(name):
     """On ``meta`` tensors (shapes, no data) anything that reads a value on the host raises: the
     molecular denoisers, the quotient loss and the samplers never synchronise with the device."""
-    import groups
+    from qmanifold import groups
     from qmanifold import Quotient, QuotientDiffusion
 
     model = build_denoiser(name).to("meta")

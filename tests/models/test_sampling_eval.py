@@ -17,9 +17,9 @@ import torch
 pytest.importorskip("rdkit")
 from rdkit import Chem
 
-from models.baselines import baseline_conformers, etkdg_conformers
-from models.data import ELEMENTS, load_dataset
-from models.evaluation import (
+from qmanifold.models.baselines import baseline_conformers, etkdg_conformers
+from qmanifold.models.data import ELEMENTS, load_dataset
+from qmanifold.models.evaluation import (
     best_rmsd,
     bond_geometry,
     connectivity_matches,
@@ -30,7 +30,7 @@ from models.evaluation import (
     read_sdf_records,
     summarize_runs,
 )
-from models.sampling import (
+from qmanifold.models.sampling import (
     MoleculeInputError,
     graph_from_smiles,
     graphs_from_dataset,
@@ -242,8 +242,8 @@ def test_evaluate_rejects_mismatched_reference(test_graphs, tmp_path):
 
 
 def test_sample_conformers_shapes_and_determinism(test_graphs):
-    from models.networks import build_denoiser
-    from models.training import build_diffusion
+    from qmanifold.models.networks import build_denoiser
+    from qmanifold.models.training import build_diffusion
 
     torch.manual_seed(0)
     net = build_denoiser("egnn", hidden=16, layers=1, edge_dim=4, num_rbf=8)
@@ -292,7 +292,7 @@ def test_etkdg_baseline_scored_by_evaluate(test_graphs, tmp_path):
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    from models.cli import main
+    from qmanifold.models.cli import main
 
     run = tmp_path / "run"
     assert main(["train", "--data", "qm9-extract", "--steps", "5", "--out", str(run), "--hidden", "32",

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.training import (
+from qmanifold.models.training import (
     CheckpointError,
     TrainConfig,
     diffusion_from_checkpoint,
@@ -93,9 +93,9 @@ def test_config_validation_names_the_field(tmp_path):
 
 def test_training_reduces_validation_loss(tmp_path):
     c = cfg(tmp_path, "dec", steps=60, lr=3e-3, warmup=5, val_every=60, ckpt_every=60, ema=0.0, seed=0)
-    from models.data import collate_molecules
-    from models.networks import build_denoiser
-    from models.training import _to_device, dataset_split, load_molecules, select_rows
+    from qmanifold.models.data import collate_molecules
+    from qmanifold.models.networks import build_denoiser
+    from qmanifold.models.training import _to_device, dataset_split, load_molecules, select_rows
 
     ds = load_molecules("qm9-extract")
     val = dataset_split(ds, "valid")
@@ -244,7 +244,7 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "models.cli", "train", "--data", "qm9-extract", "--steps", "4", "--out", str(out),
+           "-m", "qmanifold.models.cli", "train", "--data", "qm9-extract", "--steps", "4", "--out", str(out),
            "--hidden", "32", "--layers", "2", "--batch-size", "8", "--val-every", "2", "--ckpt-every", "2",
            "--val-limit", "32", "--device", "cpu", "--no-progress", "--seed", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=240)
@@ -273,7 +273,7 @@ def test_resume_warns_about_ignored_options(tmp_path):
 
 
 def test_cli_train_errors_exit_code_2(tmp_path, capsys):
-    from models.cli import main
+    from qmanifold.models.cli import main
 
     assert main(["train", "--data", "qm9-extract", "--model", "nope", "--steps", "1", "--out", str(tmp_path / "r")]) == 2
     assert "unknown model" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-import groups
+from qmanifold import groups
 from qmanifold import GeneralInterpolant, HarmonicPrior, Quotient, QuotientDiffusion, make_interpolant
 from qmanifold.masking import apply_mask, center
 from qmanifold.verify.targets import make_target
@@ -511,7 +511,7 @@ def test_reduction_and_forward_alias():
 
 
 def test_loss_backward_with_egnn_and_conditioning():
-    from models.egnn import EGNNDenoiser
+    from qmanifold.models.egnn import EGNNDenoiser
 
     net = EGNNDenoiser(hidden=16, layers=2, edge_dim=8, num_rbf=8).double()
     model = QuotientDiffusion(SE3, net, LINEAR)

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import groups
+from qmanifold import groups
 from qmanifold import LieGroup, Quotient
 from qmanifold import geometry as G
 from qmanifold.masking import center

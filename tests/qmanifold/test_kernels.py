@@ -26,7 +26,7 @@ import sympy
 import torch
 import torch.utils._python_dispatch
 
-import groups
+from qmanifold import groups
 import qmanifold.kernels as K
 from qmanifold import SDE, LieGroup, Quotient, integrate
 from qmanifold.kernels import FusedGeometry

@@ -14,7 +14,7 @@ import pytest
 import sympy
 import torch
 
-import groups
+from qmanifold import groups
 import qmanifold.kernels as K
 from qmanifold import LieGroup
 from qmanifold.cli import main as cli_main

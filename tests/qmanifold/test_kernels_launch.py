@@ -24,7 +24,7 @@ import sys
 import pytest
 import torch
 
-import groups
+from qmanifold import groups
 import qmanifold.kernels as K
 from qmanifold.kernels import FusedGeometry
 
@@ -168,7 +168,7 @@ def test_a_registered_launch_hook_sends_every_launch_through_triton():
 
 
 def test_direct_launch_can_be_switched_off():
-    code = ("import torch, groups; from qmanifold.kernels import FusedGeometry; "
+    code = ("import torch; from qmanifold import groups; from qmanifold.kernels import FusedGeometry; "
             "from qmanifold.kernels.dryrun import fake_cuda_driver\n"
             "g = FusedGeometry(groups.SE3)\n"
             "with fake_cuda_driver() as rec:\n"

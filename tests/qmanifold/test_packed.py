@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import groups
+from qmanifold import groups
 import qmanifold.kernels as K
 from qmanifold import Quotient
 from qmanifold import packed as P

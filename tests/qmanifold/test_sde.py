@@ -23,7 +23,7 @@ import sympy
 import torch
 from scipy import stats
 
-import groups
+from qmanifold import groups
 from qmanifold import SDE, ProjectedSDE, Quotient, integrate
 from qmanifold.sde import X, time_grid
 

@@ -9,7 +9,7 @@ import pytest
 import sympy
 import torch
 
-import groups
+from qmanifold import groups
 from qmanifold import LieGroup, Quotient
 from qmanifold.cli import main
 from qmanifold.verify.runner import (
