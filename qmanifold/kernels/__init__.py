@@ -54,6 +54,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .. import _segments as S
 from .. import geometry as G
 from .. import so3
 from ..masking import apply_mask
@@ -543,9 +544,7 @@ class FusedGeometry:
         """Masked centring (translations) or masking, via the kernel when it runs."""
         if self.runs(v) == "torch":
             if offsets is not None:
-                from ..packed import _torch_center_packed
-
-                return _torch_center_packed(v, offsets, self.translations)
+                return S.center_segments(v, offsets, self.translations)
             return self._torch_center(v, mask)
         if self._needs_grad(v):
             return _Linear.apply(v, None, mask, offsets, self, 0, max_size)
@@ -610,18 +609,16 @@ class FusedGeometry:
 
     def _torch_or_packed(self, what, v, x, mask, offsets):
         if offsets is not None:
-            from .. import packed as P
-
             if what == "projection":
-                return P._torch_projection_packed(self, v, x, offsets)
-            return P._torch_curvature_packed(self, x, offsets)
+                return S.projection_segments(self, v, x, offsets)
+            return S.curvature_segments(self, x, offsets)
         if what == "projection":
             return self._torch_projection(v, x, mask)
         return self._torch_curvature(x, mask)
 
     def _torch_update(self, x, drift, noise, dt, noise_scale, curvature_coeff, mask, tame_limit, offsets):
         if offsets is not None:
-            from ..packed import _broadcast_segments as expand
+            expand = S.per_point
         else:
             def expand(value, _offsets=None, _x=x):
                 if not isinstance(value, torch.Tensor):
@@ -638,9 +635,7 @@ class FusedGeometry:
             incr = expand(curvature_coeff, offsets) * self._torch_or_packed("curvature", None, x, mask, offsets)
             if tame_limit is not None:
                 if offsets is not None:
-                    from ..packed import _tame_packed
-
-                    incr = _tame_packed(incr, tame_limit, offsets)
+                    incr = S.tame_segments(incr, tame_limit, offsets)
                 else:
                     incr = _tame(incr, expand(tame_limit))
             step = step + incr

@@ -18,20 +18,27 @@ the real shapes, so what is compiled is what would run. No runtime argument is s
 pointer is assumed 16-byte aligned, no integer divisible by 16), as at launch
 (:mod:`qmanifold.kernels.launch`).
 
-Command line: ``qmanifold kernels [--arch 90] [--groups SE3 SO4 ...]`` prints the table.
+Command line: ``qmanifold kernels [--arch 90] [--groups SE3 SE2 Torus2 ...]`` prints the table.
+This module compiles declarations (:class:`~qmanifold.lie.LieGroup` objects) and never knows group
+names: the command-line layer (:mod:`qmanifold.cli`) resolves the names given to ``--groups`` and
+hands :func:`register` the resolver.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
+from ..errors import InputError
+from ..lie import LieGroup
 from . import FusedGeometry, _triton, triton_available, triton_error
 from .launch import LAUNCH_OPTIONS
 
@@ -228,30 +235,35 @@ def format_reports(reports: list[CompileReport]) -> str:
 # command line: qmanifold kernels
 
 
-def _group(name: str):
-    from qmanifold import groups
-    if name.startswith("Torus"):
-        return groups.Torus(int(name[5:]))
-    if not hasattr(groups, name):
-        raise ValueError(f"unknown group {name!r}; try SE3, SO3, SE2, SO2, Torus2")
-    return getattr(groups, name)
+#: ``name -> LieGroup`` for ``--groups``; raises ValueError (InputError) naming an unknown name.
+GroupResolver = Callable[[str], LieGroup]
 
 
-def _run(args) -> int:
+def _declaration(name: str, resolve_group: GroupResolver) -> LieGroup:
+    """The LieGroup that the command line's ``name`` stands for, checked to be one the fused kernels
+    take (a linear group with rotation-like generators)."""
+    group = resolve_group(name)
+    if not isinstance(group, LieGroup) or not group.generators:
+        raise InputError(f"--groups {name}: {group!r} is not a continuous group with rotation-like generators "
+                         "(a LieGroup); the fused kernels exist only for those")
+    return group
+
+
+def _run(args, resolve_group: GroupResolver) -> int:
     import json
 
     from . import status
 
+    try:  # the arguments first: a wrong name is reported with or without Triton
+        geoms = [FusedGeometry(_declaration(name, resolve_group)) for name in args.groups]
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
     st = status()
     print(f"triton: {'yes' if st['triton'] else 'no'}  cuda: {'yes' if st['cuda'] else 'no'}  "
           f"interpreter: {'yes' if st['interpreting'] else 'no'}")
     if not st["triton"]:
         print(f"error: compiling the kernels needs Triton ({st['triton_error']}); pip install triton", flush=True)
-        return 2
-    try:
-        geoms = [FusedGeometry(_group(name)) for name in args.groups]
-    except ValueError as exc:
-        print(f"error: {exc}")
         return 2
     reports, failures = [], []
     for arch in args.arch:
@@ -274,14 +286,20 @@ def _run(args) -> int:
     return 1 if failures else 0
 
 
-def register(subparsers) -> None:
-    """Add ``qmanifold kernels`` (ahead-of-time compile report) to the command line."""
+def register(subparsers, resolve_group: GroupResolver) -> None:
+    """Add ``qmanifold kernels`` (ahead-of-time compile report) to the command line.
+
+    ``resolve_group`` maps each name given to ``--groups`` to its LieGroup declaration and raises
+    ``ValueError`` (:class:`~qmanifold.errors.InputError`) for an unknown name; the command-line
+    layer supplies it (the built-in groups of :mod:`qmanifold.groups`), so that this module, part of
+    the core, compiles declarations and knows no group by name."""
     p = subparsers.add_parser(
         "kernels", help="compile the fused kernels for a GPU architecture (no GPU needed) and report registers",
         description="Compile the fused quotient kernels ahead of time for sm_<arch> with Triton's tool chain and "
                     "report registers per thread, stack (spills) and occupancy of each specialisation.")
     p.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities (90: H100/H200, 80: A100)")
-    p.add_argument("--groups", nargs="+", default=["SE3", "SE2", "Torus2"], help="built-in groups to compile for")
+    p.add_argument("--groups", nargs="+", default=["SE3", "SE2", "Torus2"],
+                   help="built-in groups to compile for (SE3, SO3, SE2, SO2, TorusK)")
     p.add_argument("--full", action="store_true", help="every mode, not only the hot ones")
     p.add_argument("--json", metavar="PATH", help="write the reports as JSON")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=functools.partial(_run, resolve_group=resolve_group))
