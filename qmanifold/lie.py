@@ -114,8 +114,17 @@ def kabsch_rotation(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     ``x`` and ``ref`` are masked (and centred if translations are part of the group). Uses the SVD
     of the d x d cross-covariance ``H = sum_n x_n ref_n^T = U S V^T`` and
     ``R = V diag(1, .., 1, det(V U^T)) U^T`` (Kabsch 1976).
+
+    ``R`` does not change when ``x`` or ``ref`` is multiplied by a positive number, so both are
+    first normalised per sample (:func:`qmanifold.geometry.normalize`): H never over- or
+    underflows, whatever the coordinates' scale. A sample whose H holds NaN/inf gets an all-NaN
+    ``R`` instead of an SVD error (no host synchronisation).
     """
+    x, _ = G.normalize(x)
+    ref, _ = G.normalize(ref)
     h = x.transpose(-1, -2) @ ref
+    finite = torch.isfinite(h).all(-1).all(-1)[..., None, None]
+    h = torch.where(finite, h, torch.zeros((), dtype=h.dtype, device=h.device))
     u, _, vh = torch.linalg.svd(h)
     v = vh.transpose(-1, -2)
     sign = torch.sign(torch.linalg.det(v @ u.transpose(-1, -2)))
@@ -123,7 +132,8 @@ def kabsch_rotation(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     fix = torch.ones(*sign.shape, d, dtype=x.dtype, device=x.device)
     fix = torch.cat([fix[..., :-1], sign.unsqueeze(-1)], -1)
-    return (v * fix.unsqueeze(-2)) @ u.transpose(-1, -2)
+    rot = (v * fix.unsqueeze(-2)) @ u.transpose(-1, -2)
+    return torch.where(finite, rot, torch.full((), float("nan"), dtype=rot.dtype, device=rot.device))
 
 
 def align_per_plane_phases(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -396,7 +406,15 @@ class LieGroup:
     # -- alignment ---------------------------------------------------------------------------
 
     def align_matrix(self, x: torch.Tensor, ref: torch.Tensor, *, iterations: int = 12, starts: int = 8) -> torch.Tensor:
-        """Linear part ``A`` of the element minimising ``|x A^T - ref|`` (prepared inputs): ``(..., d, d)``."""
+        """Linear part ``A`` of the element minimising ``|x A^T - ref|`` (prepared inputs): ``(..., d, d)``.
+
+        For an isometric action the minimiser maximises ``<g x, ref>``, which does not change when
+        ``x`` or ``ref`` is scaled by a positive number: both are normalised per sample first
+        (:func:`qmanifold.geometry.normalize`), so no moment over- or underflows.
+        """
+        if self.is_isometric:
+            x, _ = G.normalize(x)
+            ref, _ = G.normalize(ref)
         if self._align is not None:
             return self._align(x, ref)
         if self.kind == "special_orthogonal":
@@ -442,6 +460,8 @@ class LieGroup:
             cross = G.cross_moment(ref, y)  # sum_n ref_n y_n^T
             grad = torch.einsum("aij,...ij->...a", geom.momentum_coeff, cross)
             hess = torch.einsum("abij,...ij->...ab", hess_coeff, cross)
+            # a non-finite sample (NaN/inf input) stays NaN through grad; eigh never sees it (no raise)
+            hess = torch.where(torch.isfinite(hess), hess, torch.zeros((), dtype=hess.dtype, device=hess.device))
             evals, evecs = torch.linalg.eigh(hess)
             inv_abs = 1.0 / torch.maximum(evals.abs(), floor)
             omega = torch.einsum("...ab,...b,...cb,...c->...a", evecs, inv_abs, evecs, grad)

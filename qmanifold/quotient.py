@@ -210,9 +210,14 @@ class Quotient:
         return self.group.align(x, ref, mask)
 
     def dist(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Quotient distance ``min_g |g x - y|`` over real points: ``(...,)``."""
+        """Quotient distance ``min_g |g x - y|`` over real points: ``(...,)``.
+
+        The norm is taken as ``m |diff / m|`` with ``m = max |diff_n,i|`` per sample, so it neither
+        over- nor underflows (float32 coordinates of 1e19 or 1e-30 give the right distance).
+        """
         diff = self.align(x, y, mask) - apply_mask(y, mask)
-        return diff.square().sum((-2, -1)).clamp_min(0).sqrt()
+        diff, scale = G.normalize(diff)
+        return diff.square().sum((-2, -1)).clamp_min(0).sqrt() * scale
 
     def canonicalize(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """A canonical representative of x's orbit under the discrete factor (sort / wrap)."""

@@ -36,6 +36,7 @@ def as_sympy_matrix(a, d: int | None = None, name: str = "generator") -> sympy.M
     """Convert a d x d matrix (sympy, nested lists, numpy or torch) to an exact sympy Matrix.
 
     Floats are converted with ``sympy.nsimplify`` so that e.g. 1.0 and -0.5 become exact rationals.
+    A NaN or infinite entry raises ``ValueError`` naming the matrix and the entry.
     """
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().double().numpy()
@@ -45,12 +46,25 @@ def as_sympy_matrix(a, d: int | None = None, name: str = "generator") -> sympy.M
         m = sympy.Matrix(a)
     except Exception as exc:  # sympy raises many different errors for bad input
         raise TypeError(f"{name} could not be converted to a matrix: {exc}") from exc
+    bad = [(i, j, m[i, j]) for i in range(m.rows) for j in range(m.cols) if _is_nonfinite(m[i, j])]
+    if bad:
+        entries = ", ".join(f"({i}, {j}) = {_nonfinite_label(e)}" for i, j, e in bad)
+        raise ValueError(f"{name} contains NaN or inf entries: {entries}; generators must be finite")
     m = m.applyfunc(lambda e: sympy.nsimplify(e, rational=True) if isinstance(e, sympy.Float) else e)
     if d is not None and m.shape != (d, d):
         raise ValueError(f"{name} has shape {m.shape}, expected ({d}, {d}) for points in R^{d}")
     if m.free_symbols:
         raise ValueError(f"{name} must be a constant matrix, it contains symbols {sorted(map(str, m.free_symbols))}")
     return m
+
+
+def _is_nonfinite(e) -> bool:
+    """True for sympy's NaN and (complex) infinities, also inside an expression."""
+    return bool(e.has(sympy.nan, sympy.oo, -sympy.oo, sympy.zoo)) if isinstance(e, sympy.Basic) else False
+
+
+def _nonfinite_label(e) -> str:
+    return "NaN" if e.has(sympy.nan) else "-inf" if e == -sympy.oo else "inf"
 
 
 def independent_basis(matrices: Sequence[sympy.Matrix]) -> list[sympy.Matrix]:
