@@ -234,12 +234,65 @@ class ProductGroup:
         representative is chosen along the continuous orbit)."""
         return self.discrete.canonicalize(x, mask)
 
-    def align(self, x, ref, mask=None, *, max_enumerate: int = 720, iterations: int = 20):
-        """Closest point of x's orbit under both factors.
+    def align(
+        self,
+        x,
+        ref,
+        mask=None,
+        *,
+        max_enumerate: int = 720,
+        iterations: int = 50,
+        anchor_matches: int = 4,
+    ):
+        """Closest point of x's orbit under both factors: ``g x`` with ``g = argmin |g x - ref|``.
 
-        For permutations with ``N! <= max_enumerate`` every reordering is tried (exact); otherwise
-        the two alignments alternate ``iterations`` times from the Lie-aligned start (a local
-        optimum, never worse than aligning the Lie factor alone).
+        Shapes: ``x``, ``ref`` ``(..., N, d)``, ``mask`` ``(..., N)``; returns ``(..., N, d)`` in x's
+        dtype and device, zero at padded points, differentiable in ``x`` and ``ref`` (the group
+        element is chosen without gradient, then applied with torch ops).
+
+        Permutations as the discrete factor (identical particles, e.g. SE(3) x S_N):
+
+        * ``N! <= max_enumerate``: every reordering is tried (exact; on device, batched).
+        * otherwise a multi-start search on the host (float64 NumPy, one Python loop over the
+          batch and over the starts; Hungarian assignment runs on the CPU anyway, and alignment is
+          not a sampler hot path). Each start alternates, until the permutation no longer changes
+          (at most ``iterations`` times), an optimal assignment
+          ``sigma = argmin_sigma sum_n |A x_{sigma(n)} + b - ref_n|^2``
+          (``scipy.optimize.linear_sum_assignment``) with the optimal Lie element for that order
+          (``LieGroup.align_matrix``: Kabsch for SO(d)); the cost never increases along a run. The
+          best run wins; a run that reaches a permutation already visited stops (its remaining path
+          is known), and the search stops early once a run reaches distance zero to rounding
+          (relative distance ``<= 1e3 eps(dtype)``). The starts come from invariant information,
+          so that the obvious answer is found:
+
+          1. descriptor matching: every point gets the rotation- and permutation-invariant
+             descriptor ``(sqrt(N) |x_n - c|, sorted_m |x_n - x_m|)`` (``c`` the centroid for groups
+             with translations, else the origin); the Hungarian assignment of the descriptors of x
+             to those of ref is the first order. For a generic configuration it is the true one.
+          2. SO(d) factors: principal axes. With ``x^T x = U_x L U_x^T`` and ``ref^T ref = U_r L'
+             U_r^T`` (centred), ``A = U_r S U_x^T`` for every sign matrix ``S`` with ``det A = 1``
+             (``2^(d-1)`` rotations).
+          3. SO(2) / SO(3) factors: anchor frames, for symmetric or degenerate configurations (equal
+             inertia eigenvalues, tied descriptors: icosahedral clusters, cubes, regular polygons).
+             An anchor point ``a`` of x (far enough from the centre, the most distinctive
+             descriptor) is sent to each of its ``anchor_matches`` best descriptor matches ``a'`` in
+             ref; in 3-d a second point ``b`` (largest ``|a x b|``) goes to the ``anchor_matches``
+             points ``b'`` of ref that best match its descriptor and its distance to ``a``; the
+             rotation maps the orthonormal frame of ``(a, b)`` to that of ``(a', b')`` (in 2-d the
+             direction of ``a`` to that of ``a'``, ``anchor_matches^2`` of them). When several
+             rotations are equally good (a symmetric configuration), any of them is exact.
+          4. the identity order (the former method), so the result is never worse than alternating
+             from the Lie-aligned start.
+
+          Starts 2 and 3 are skipped when the nearest-neighbour lower bound of their assignment
+          cost, ``sum_n min_m |A x_m - ref_n|^2``, is already no better than the best run so far.
+
+          The result is a local optimum of the alternation in general, but a permuted, rotated and
+          translated copy is recovered exactly (tested for N up to 100, random and symmetric
+          configurations; ``benchmarks/bench_alignment.py`` measures the runtime).
+
+        Other discrete factors alternate the two alignments ``iterations`` times from the
+        Lie-aligned start (a local optimum).
         """
         n = x.shape[-2]
         if isinstance(self.discrete, Permutations) and math.factorial(n) <= max_enumerate:
@@ -257,7 +310,181 @@ class ProductGroup:
             best = cost.argmin(0)
             index = best[None, ..., None, None].expand(1, *x.shape)
             return candidates.gather(0, index).squeeze(0)
+        if isinstance(self.discrete, Permutations):
+            if iterations < 1 or anchor_matches < 1:
+                raise ValueError(
+                    f"align needs iterations >= 1 and anchor_matches >= 1, got {iterations} and {anchor_matches}"
+                )
+            g = self._search_permutation(x, ref, mask, iterations, anchor_matches)
+            return self.lie.align(self.discrete.act(g, x, mask), ref, mask)
         y = self.lie.align(x, ref, mask)
         for _ in range(iterations):
             y = self.lie.align(self.discrete.align(y, ref, mask), ref, mask)
         return y
+
+    # -- permutation search (host side) ---------------------------------------------------------
+
+    def _search_permutation(self, x, ref, mask, iterations: int, anchor_matches: int) -> torch.Tensor:
+        """Indices ``(..., N)`` of the best reordering found by the multi-start search (see align)."""
+        n, d = x.shape[-2:]
+        flat_x = x.detach().reshape(-1, n, d).cpu().double().numpy()
+        flat_r = ref.detach().reshape(-1, n, d).cpu().double().numpy()
+        flat_m = mask.reshape(-1, n).cpu().numpy() if mask is not None else np.ones(flat_x.shape[:2], bool)
+        tol = (1e3 * torch.finfo(x.dtype).eps) ** 2
+        index = np.tile(np.arange(n), (flat_x.shape[0], 1))
+        for b in range(flat_x.shape[0]):
+            real = np.flatnonzero(flat_m[b])
+            if real.size < 2:
+                continue
+            p, r = flat_x[b][real], flat_r[b][real]
+            if self.lie.translations:
+                p, r = p - p.mean(0), r - r.mean(0)
+            order = _multistart_assignment(p, r, self._fit, self.lie.kind == "special_orthogonal",
+                                           iterations, anchor_matches, tol)
+            index[b, real] = real[order]
+        return torch.as_tensor(index, device=x.device).reshape(x.shape[:-1])
+
+    def _fit(self, y: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """Linear part ``A`` of the Lie element minimising ``|y A^T - r|`` for matched, prepared points."""
+        a = self.lie.align_matrix(torch.from_numpy(y), torch.from_numpy(r))
+        return a.numpy()
+
+
+def _assignment(y: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Optimal order ``sigma`` ``(n,)``: ``sum_n |y_{sigma(n)} - r_n|^2`` minimal (Hungarian)."""
+    return _assignment_from_cost((r * r).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * r @ y.T)
+
+
+def _point_descriptors(p: np.ndarray) -> np.ndarray:
+    """Invariant descriptors ``(n, n)``: ``sqrt(n) |p_i|`` then the sorted distances to the others."""
+    n = len(p)
+    sq = (p * p).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * p @ p.T, 0.0))
+    np.fill_diagonal(dist, 0.0)
+    profile = np.sort(dist, axis=1)[:, 1:]
+    return np.concatenate([math.sqrt(n) * np.sqrt(sq)[:, None], profile], 1)
+
+
+def _principal_axes_rotations(p: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
+    """``U_r S U_x^T`` for every sign matrix S with determinant making a proper rotation."""
+    d = p.shape[1]
+    ux = np.linalg.eigh(p.T @ p)[1]
+    ur = np.linalg.eigh(r.T @ r)[1]
+    target = np.sign(np.linalg.det(ur) * np.linalg.det(ux))
+    out = []
+    for signs in itertools.product((1.0, -1.0), repeat=d):
+        if np.prod(signs) == target:
+            out.append((ur * np.asarray(signs)) @ ux.T)
+    return out
+
+
+def _frame(u: np.ndarray, v: np.ndarray | None) -> np.ndarray | None:
+    """Columns: an orthonormal, positively oriented frame built from ``u`` (and ``v`` in 3-d)."""
+    e1 = u / np.linalg.norm(u)
+    if v is None:
+        return np.stack([e1, np.array([-e1[1], e1[0]])], 1)
+    w = v - (v @ e1) * e1
+    nw = np.linalg.norm(w)
+    if not nw > 1e-9 * np.linalg.norm(v):
+        return None
+    e2 = w / nw
+    return np.stack([e1, e2, np.cross(e1, e2)], 1)
+
+
+def _anchor_rotations(p: np.ndarray, r: np.ndarray, desc_cost: np.ndarray, k: int) -> list[np.ndarray]:
+    """Rotations sending an anchor frame of ``p`` to candidate frames of ``r`` (d = 2 or 3).
+
+    ``desc_cost[j, i]``: descriptor mismatch of ref point j and x point i.
+    """
+    n, d = p.shape
+    rad_p = np.linalg.norm(p, axis=1)
+    eligible = rad_p > 0.1 * rad_p.max()
+    if not eligible.any():
+        return []
+    srt = np.sort(desc_cost, axis=0)
+    gap = srt[1] - srt[0]  # how distinctive each x point's best match is
+    a = int(np.where(eligible, gap, -np.inf).argmax())
+    if d == 2:
+        frame_p = _frame(p[a], None)
+        out = []
+        for a2 in np.argsort(desc_cost[:, a], kind="stable")[: k * k]:
+            if np.linalg.norm(r[a2]) > 0:
+                out.append(_frame(r[a2], None) @ frame_p.T)
+        return out
+    area = np.linalg.norm(np.cross(p[a], p), axis=1)
+    b = int(area.argmax())
+    frame_p = _frame(p[a], p[b])
+    if frame_p is None:
+        return []  # collinear configuration: the principal axes fix everything that matters
+    dab = np.linalg.norm(p[a] - p[b])
+    out = []
+    for a2 in np.argsort(desc_cost[:, a], kind="stable")[:k]:
+        pair = desc_cost[:, b] + n * (np.linalg.norm(r - r[a2], axis=1) - dab) ** 2
+        pair[a2] = np.inf
+        for b2 in np.argsort(pair, kind="stable")[:k]:
+            frame_r = _frame(r[a2], r[b2]) if np.linalg.norm(r[a2]) > 0 else None
+            if frame_r is not None:
+                out.append(frame_r @ frame_p.T)
+    return out
+
+
+def _multistart_assignment(p, r, fit, rotations: bool, iterations: int, anchor_matches: int, tol: float) -> np.ndarray:
+    """Best order ``sigma`` (``p[sigma]`` matches ``r``) over the starts described in ProductGroup.align.
+
+    ``p``, ``r``: ``(n, d)`` float64 prepared (centred when the group has translations) real points;
+    ``fit(y, r)``: the Lie factor's optimal linear part for matched points.
+    """
+    n, d = p.shape
+    scale = (p * p).sum() + (r * r).sum()
+    desc_x, desc_r = _point_descriptors(p), _point_descriptors(r)
+    desc_cost = (desc_r * desc_r).sum(1)[:, None] + (desc_x * desc_x).sum(1)[None, :] - 2.0 * desc_r @ desc_x.T
+    best_cost, best = math.inf, np.arange(n)
+    visited: set[bytes] = set()
+
+    def run(order: np.ndarray) -> bool:
+        """Alternate from ``order``; record the best; True when distance zero is reached."""
+        nonlocal best_cost, best
+        for _ in range(iterations):
+            key = order.tobytes()
+            if key in visited:
+                return False
+            visited.add(key)
+            y = p[order]
+            a = fit(y, r)
+            cost = float(((y @ a.T - r) ** 2).sum())
+            if cost < best_cost:
+                best_cost, best = cost, order
+            if cost <= tol * scale:
+                return True
+            order = _assignment(p @ a.T, r)
+        return False
+
+    def rotation_starts():
+        if rotations:
+            yield from _principal_axes_rotations(p, r)
+            if d in (2, 3):
+                yield from _anchor_rotations(p, r, desc_cost, anchor_matches)
+
+    if run(_assignment_from_cost(desc_cost)):
+        return best
+    for a in rotation_starts():
+        moved = p @ a.T
+        cost = (r * r).sum(1)[:, None] + (moved * moved).sum(1)[None, :] - 2.0 * r @ moved.T
+        # each ref point's nearest neighbour bounds the assignment cost at this start from below:
+        # a start that cannot beat the best run even before alternating is skipped (pruning)
+        if cost.min(1).sum() >= best_cost:
+            continue
+        if run(_assignment_from_cost(cost)):
+            return best
+    run(np.arange(n))
+    return best
+
+
+def _assignment_from_cost(cost: np.ndarray) -> np.ndarray:
+    """Order from a cost matrix ``cost[j, i]`` (ref point j, x point i) by the Hungarian algorithm."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    order = np.empty(cost.shape[0], dtype=np.int64)
+    order[rows] = cols
+    return order
