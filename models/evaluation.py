@@ -33,7 +33,6 @@ Output: a JSON-serialisable dict (:func:`evaluate_samples`) and optional PNG plo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
@@ -172,7 +171,9 @@ def read_sdf_records(path: str | os.PathLike) -> list[dict]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"samples file not found: {path}")
-    supplier = Chem.SDMolSupplier(path, removeHs=False, sanitize=False)
+    from qmanifold.models.data.io import sdf_supplier
+
+    supplier = sdf_supplier(path, sanitize=False)  # InputError "no molecules in FILE" when empty
     records = []
     RDLogger.DisableLog("rdApp.*")
     try:
@@ -459,12 +460,13 @@ def evaluate_samples(samples: str | os.PathLike | Sequence[dict], reference: str
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic JSON write (keys starting with ``_`` at the top level are dropped)."""
-    from qmanifold.models.sampling import atomic_write_text
+    """Atomic strict-JSON write: keys starting with ``_`` at the top level are dropped, NaN and inf
+    become ``null`` (:func:`qmanifold.atomic.atomic_write_json`)."""
+    from qmanifold.atomic import atomic_write_json
 
     if isinstance(obj, dict):
         obj = {k: v for k, v in obj.items() if not str(k).startswith("_")}
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write_json(path, obj)
 
 
 def _save_figure(fig, path: str) -> None:
@@ -557,7 +559,7 @@ def summarize_runs(results: Mapping[str, Sequence[Mapping[str, Any]]],
         for r in runs:
             cov = r.get("coverage") or {}
             for m in metrics:
-                if m in cov:
+                if cov.get(m) is not None:  # null in eval.json: not computed / not finite
                     series[m].append(float(cov[m]))
             if r.get("connectivity_match") is not None:
                 series["connectivity_match"].append(float(r["connectivity_match"]))

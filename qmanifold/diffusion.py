@@ -28,6 +28,7 @@ samplers for the baselines.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -56,11 +57,29 @@ def _defer_finite_checks(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def _positive_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (Python or NumPy); ``bool`` is refused
+    (``steps=True`` is a mistake, not one step) and so are floats, even integral ones."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_mask_rows(mask: torch.Tensor | None) -> None:
+    """Raise ValueError if a configuration of ``mask`` ``(B, N)`` has no real point (one host
+    synchronisation; the rows are listed only when there is an error)."""
+    if mask is not None and not bool(mask.any(-1).all()):
+        rows = torch.nonzero(~mask.any(-1)).reshape(-1)[:10].tolist()
+        raise ValueError(f"mask has a configuration with no real point (batch row(s) {rows}); every "
+                         "configuration needs at least one real point")
+
+
 class _FiniteMonitor:
     """Records on the device the first denoiser evaluation of a sampling run whose output has a
     non-finite value at a real point, without synchronising; :meth:`check` raises afterwards."""
 
-    def __init__(self):
+    def __init__(self, mask: torch.Tensor | None = None):
+        self.mask = mask  # (B, N) bool: checked for configurations without a real point in check()
         self.calls = 0
         self.first = None  # 0-d int64 tensor: index of the first bad evaluation, -1 if none
         self.first_t = None
@@ -79,7 +98,9 @@ class _FiniteMonitor:
         self.calls += 1
 
     def check(self) -> None:
-        """Raise ValueError if an evaluation was not finite (one host synchronisation)."""
+        """Raise ValueError if the mask has a configuration without a real point or an evaluation
+        was not finite (one host synchronisation)."""
+        _check_mask_rows(self.mask)
         if self.first is None:
             return
         first = int(self.first)
@@ -134,6 +155,9 @@ class QuotientDiffusion(nn.Module):
         super().__init__()
         if not isinstance(quotient, Quotient):
             raise TypeError(f"quotient must be a qmanifold.Quotient, got {type(quotient).__name__}")
+        if not callable(denoiser):  # nn.Module instances are callable
+            raise TypeError(f"denoiser must be a torch.nn.Module or a callable denoiser(x_t, t, mask=mask, **cond), "
+                            f"got {type(denoiser).__name__}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
         if loss not in LOSSES:
@@ -174,8 +198,7 @@ class QuotientDiffusion(nn.Module):
             raise ValueError(f"{name} must have shape (B, N, d), got {tuple(x.shape)}")
         if self.validate:
             check_finite(apply_mask(x, mask), name)
-            if mask is not None and not bool(mask.any(-1).all()):
-                raise ValueError("mask has a configuration with no real point")
+            _check_mask_rows(mask)
 
     @staticmethod
     def _check_cond(cond: dict, batch: int) -> None:
@@ -184,12 +207,13 @@ class QuotientDiffusion(nn.Module):
                 got = value.shape[0] if value.dim() else "none (a scalar)"
                 raise ValueError(f"conditioning {key!r} has leading dimension {got}, expected the batch size {batch}")
 
-    def _call_denoiser(self, x_t: torch.Tensor, t: torch.Tensor, mask, cond: dict) -> torch.Tensor:
+    def _call_denoiser(self, x_t: torch.Tensor, t: torch.Tensor, mask, cond: dict,
+                       check_output: bool = True) -> torch.Tensor:
         out = self.denoiser(x_t, t, mask=mask, **cond)
         if not isinstance(out, torch.Tensor) or out.shape != x_t.shape:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"the denoiser returned {shape}, expected a tensor of shape {tuple(x_t.shape)} like x_t")
-        if self.validate:
+        if self.validate and check_output:
             if self._monitor is not None:
                 self._monitor.observe(apply_mask(out, mask), t)
             else:
@@ -223,6 +247,7 @@ class QuotientDiffusion(nn.Module):
         t: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         reduction: str = "mean",
+        check_output: bool = True,
         **cond,
     ) -> torch.Tensor:
         """The training loss on a batch ``x1`` ``(B, N, d)`` (data, Å for molecules).
@@ -232,6 +257,12 @@ class QuotientDiffusion(nn.Module):
             t: optional times ``(B,)`` in [0, 1]; default uniform on ``[0, t_max]``.
             generator: for reproducible noise / times / augmentation.
             reduction: ``"mean"`` (a scalar) or ``"none"`` (per sample, ``(B,)``).
+            check_output: with ``validate`` on, raise ``ValueError`` when the denoiser's output has
+                a non-finite value at a real point (one host synchronisation). ``False`` skips
+                this check only (the data are still checked): a non-finite output then gives a
+                non-finite loss, for callers that handle it themselves -- the training loop
+                (:func:`qmanifold.models.training.train`) skips such updates and stops, with a
+                message, when too many diverge.
             **cond: passed to the denoiser (e.g. ``atom_types``, ``bond_types``).
 
         Per sample: ``w(t) * sum_real |r|^2 / (N_real d)`` with the residual ``r`` of the chosen loss.
@@ -257,7 +288,7 @@ class QuotientDiffusion(nn.Module):
         else:
             x_t = apply_mask(interp.sample_xt(x1, t, eps), mask)
             target = x1 if self.prediction == "x1" else interp.target_velocity(x1, eps, t)
-        out = self._call_denoiser(x_t, t, mask, cond)
+        out = self._call_denoiser(x_t, t, mask, cond, check_output=check_output)
         if self.loss_type == "geodiff_align":
             target = self.quotient.align(x1, x_t, mask)
         elif self.loss_type == "af3_align":
@@ -354,8 +385,8 @@ class QuotientDiffusion(nn.Module):
 
         Args:
             shape: ``(B, N, d)``; or give ``mask`` ``(B, N)`` for variable sizes.
-            steps: number of time steps (denoiser evaluations: ``steps`` for ode/sde, about
-                ``2 steps`` for heun/edm).
+            steps: number of time steps, a positive ``int`` (not a bool); denoiser evaluations:
+                ``steps`` for ode/sde, about ``2 steps`` for heun/edm.
             sampler: ``"ode"``, ``"sde"``, ``"heun"`` or ``"edm"``.
             eta: SDE noise level: a number, a sympy expression / string in t, or a callable of the
                 time tensor; default ``ahat(t)^2``.
@@ -363,7 +394,7 @@ class QuotientDiffusion(nn.Module):
             generator: a ``torch.Generator`` (same seed, same samples).
             time_grid: ``"uniform"``, ``"edm"`` (rho = 7) or a 1-D tensor of times from 0 to 1.
             churn: EDM noise injection per step, as a fraction of the step (``sampler="edm"``).
-            chunk_size: sample at most this many configurations at a time (memory).
+            chunk_size: sample at most this many configurations at a time (memory); a positive int.
             progress: show a progress bar.
             curvature_factor: 1 (correct). 0 / -1 give the known-wrong variants (negative controls).
             x0: optional initial noise ``(B, N, d)``.
@@ -374,13 +405,15 @@ class QuotientDiffusion(nn.Module):
         geometry = geometry or ("quotient" if self.loss_type == "quotient" else "conventional")
         if geometry not in ("quotient", "conventional"):
             raise ValueError(f"unknown geometry {geometry!r}; choose 'quotient' or 'conventional'")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        steps = _positive_int(steps, "steps")
+        if chunk_size is not None:
+            chunk_size = _positive_int(chunk_size, "chunk_size")
         ref_dtype, ref_device = self._reference_tensor(cond)
         dtype = dtype or ref_dtype
         if mask is not None:
-            if mask.dtype != torch.bool or mask.dim() != 2:
-                raise ValueError(f"mask must be a (B, N) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+                got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"mask must be a (B, N) bool tensor, got {got}")
             device = device or mask.device
             if shape is None and self.quotient.point_dim is None:
                 raise ValueError(f"{self.quotient.name} acts on points of any dimension: give shape=(B, N, d)")
@@ -399,7 +432,13 @@ class QuotientDiffusion(nn.Module):
         self._check_cond(cond, batch)
         if self.general and sampler in ("sde", "edm"):
             raise ValueError(f"sampler={sampler!r} needs a Gaussian-prior interpolant (score from D); with a GeneralInterpolant use 'ode' or 'heun'")
-        if chunk_size is not None and batch > chunk_size:
+        # as in loss(), every configuration of the mask needs a real point: checked here on a CPU and
+        # on the chunked path (which synchronises per chunk anyway), else with the deferred checks
+        defer = self.validate and _defer_finite_checks(device)
+        chunked = chunk_size is not None and batch > chunk_size
+        if self.validate and (chunked or not defer):
+            _check_mask_rows(mask)
+        if chunked:
             pieces, trajs = [], []
             for start in range(0, batch, chunk_size):
                 sl = slice(start, min(batch, start + chunk_size))
@@ -434,7 +473,7 @@ class QuotientDiffusion(nn.Module):
         times = times_host.to(device)
         bar = _progress(times.shape[0] - 1, progress, f"sampling ({sampler}, {geometry})")
         callback = (lambda i, t, x: bar.update(1)) if bar is not None else None
-        monitor = _FiniteMonitor() if self.validate and _defer_finite_checks(device) else None
+        monitor = _FiniteMonitor(mask) if defer else None
         outer_monitor, self._monitor = self._monitor, monitor
         try:
             if sampler in ("ode", "sde"):

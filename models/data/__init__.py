@@ -8,13 +8,14 @@ Quick start::
     loader = make_dataloader(train, batch_size=32)
     batch = next(iter(loader))                # dict: positions (B, N, 3) Å, mask, atom_types, ...
 
-See :mod:`qmanifold.models.data.io` for the item/storage format, :mod:`qmanifold.models.data.batching` for the batch
+See :mod:`qmanifold.models.data.dataset` for the item/storage format,
+:mod:`qmanifold.models.data.io` for the user-data readers, :mod:`qmanifold.models.data.batching` for the batch
 format and :mod:`qmanifold.models.data.qm9` for how QM9 bond graphs are built and split. Importing this
 package needs neither RDKit nor qm9pack.
 """
 
 from .batching import SizeBucketBatchSampler, collate_molecules, make_dataloader, padding_fraction
-from .io import (
+from .dataset import (
     BOND_AROMATIC,
     BOND_DOUBLE,
     BOND_NONE,
@@ -24,6 +25,8 @@ from .io import (
     NUM_BOND_TYPES,
     SPLIT_NAMES,
     MoleculeDataset,
+)
+from .io import (
     load_dataset,
     load_npz_ensemble,
     load_sdf,

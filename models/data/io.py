@@ -1,43 +1,57 @@
-"""Compact molecule storage and user-data readers.
+"""User-data readers and the dataset dispatcher.
 
-This module holds the container every loader in :mod:`qmanifold.models.data` returns,
-:class:`MoleculeDataset`, and the readers for user-supplied data:
+The container every loader returns, :class:`MoleculeDataset`, and the shared conventions (element
+list, bond codes, split names, storage layout) live in :mod:`qmanifold.models.data.dataset`; they
+are re-exported here, so ``from qmanifold.models.data.io import MoleculeDataset, ELEMENTS`` keeps
+working. This module holds the readers for user-supplied data:
 
 * :func:`load_npz_ensemble` -- an ``.npz`` with an ensemble of conformations of one molecule;
 * :func:`load_sdf` -- a multi-molecule SDF file (needs RDKit);
 * :func:`load_dataset` -- a dispatcher on a short spec string ("qm9", "qm9-extract", a path).
 
-Conventions (shared by every loader):
-
-* coordinates are in Angstrom (Å), float32 in storage and in items;
-* ``atomic_numbers`` are int64 nuclear charges (H = 1);
-* ``atom_types`` index into an element list (default :data:`ELEMENTS` = H, C, N, O, F);
-* ``bond_types`` is an ``(N, N)`` symmetric int64 matrix with 0 = no bond, 1 = single,
-  2 = double, 3 = triple, 4 = aromatic and a zero diagonal.
-
-Storage is ragged: all atoms of all molecules are concatenated in one ``(A, 3)`` array with an
-``(M + 1,)`` offsets array; bonds are kept as per-molecule lists of local ``(i, j)`` pairs
-(``i < j``) with an order each, also concatenated with offsets. The dense ``(N, N)`` matrix is
-built only when an item is read. Saving uses a pickle-free ``.npz`` (:meth:`MoleculeDataset.save`)
-written atomically (temporary file in the same directory, then :func:`os.replace`).
+Errors caused by the user's file (unreadable, empty, malformed fields, unsupported elements) are
+:class:`~qmanifold.errors.InputError` with a message that names the file.
 
 Nothing here imports RDKit at module import time; only :func:`load_sdf` and the bond perception
-fallback of :func:`load_npz_ensemble` need it.
+fallback of :func:`load_npz_ensemble` need it. The QM9 loaders (:mod:`qmanifold.models.data.qm9`)
+are imported only when :func:`load_dataset` is asked for QM9, so neither module imports the other
+at import time.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from qmanifold.atomic import atomic_open, atomic_write_text
+from qmanifold.errors import InputError
+
+from .dataset import (
+    _MAX_Z,  # noqa: F401 - re-exported (it lived here before models/data/dataset.py)
+    _SYMBOLS,  # noqa: F401 - re-exported
+    BOND_AROMATIC,
+    BOND_DOUBLE,
+    BOND_NONE,
+    BOND_SINGLE,
+    BOND_TRIPLE,
+    ELEMENTS,
+    FORMAT_VERSION,
+    NUM_BOND_TYPES,
+    SPLIT_NAMES,
+    MoleculeDataset,
+    _atomic_write_text,  # noqa: F401 - re-exported (models/data/extract.py imports it from here)
+    _check_elements,
+    _element_list_text,
+    _ragged_gather,  # noqa: F401 - re-exported
+    atomic_savez,
+    bonds_to_pairs,
+    element_label,
+    element_symbol,
+    read_npz,
+)
 
 __all__ = [
     "ELEMENTS",
@@ -48,682 +62,20 @@ __all__ = [
     "BOND_AROMATIC",
     "NUM_BOND_TYPES",
     "SPLIT_NAMES",
+    "FORMAT_VERSION",
     "MoleculeDataset",
     "atomic_savez",
     "bonds_to_pairs",
     "element_symbol",
+    "element_label",
+    "read_npz",
     "perceive_bonds",
     "load_npz_ensemble",
     "save_npz_ensemble",
     "load_sdf",
+    "sdf_supplier",
     "load_dataset",
 ]
-
-#: Default element list (atomic numbers): H, C, N, O, F. ``atom_types`` index into it.
-ELEMENTS: tuple[int, ...] = (1, 6, 7, 8, 9)
-
-BOND_NONE = 0
-BOND_SINGLE = 1
-BOND_DOUBLE = 2
-BOND_TRIPLE = 3
-BOND_AROMATIC = 4
-#: Size of the bond-type vocabulary (none, single, double, triple, aromatic).
-NUM_BOND_TYPES = 5
-
-#: Split names, in the order of the integer labels 0, 1, 2 stored in ``split_labels``.
-SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
-
-FORMAT_VERSION = 1
-
-_SYMBOLS = (  # noqa: SIM905 - the periodic table as text reads better than 55 quoted strings
-    "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As "
-    "Se Br Kr Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe"
-).split()
-
-_MAX_Z = 118
-
-
-def element_symbol(z: int) -> str:
-    """Chemical symbol of atomic number ``z`` (``"Z=<z>"`` beyond xenon)."""
-    z = int(z)
-    return _SYMBOLS[z] if 0 < z < len(_SYMBOLS) else f"Z={z}"
-
-
-def _check_elements(elements: Sequence[int]) -> tuple[int, ...]:
-    try:
-        els = tuple(int(z) for z in elements)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"elements must be a sequence of atomic numbers, got {elements!r}") from exc
-    if not els:
-        raise ValueError("elements must not be empty")
-    if len(set(els)) != len(els):
-        raise ValueError(f"elements contains duplicates: {els}")
-    bad = [z for z in els if not 1 <= z <= _MAX_Z]
-    if bad:
-        raise ValueError(f"elements must be atomic numbers in 1..{_MAX_Z}, got {bad}")
-    return els
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic file writes
-# ----------------------------------------------------------------------------------------------
-
-
-def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compressed: bool = False) -> None:
-    """Write ``arrays`` to the ``.npz`` file ``path`` atomically (:mod:`qmanifold.atomic`).
-
-    The exact ``path`` is used (numpy's habit of appending ``.npz`` does not apply).
-    """
-    with atomic_open(path, "wb") as fh:
-        (np.savez_compressed if compressed else np.savez)(fh, **arrays)
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_text(path, text)
-
-
-# ----------------------------------------------------------------------------------------------
-# Ragged-array helpers (functional core)
-# ----------------------------------------------------------------------------------------------
-
-
-def _ragged_gather(offsets: np.ndarray, select: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat element indices and new offsets for the rows ``select`` of a ragged array.
-
-    Args:
-        offsets: ``(M + 1,)`` int64 row offsets.
-        select: ``(K,)`` int64 row numbers.
-
-    Returns:
-        ``(flat, new_offsets)``: ``flat`` ``(sum of selected lengths,)`` indices into the flat
-        array, ``new_offsets`` ``(K + 1,)``.
-    """
-    starts = offsets[select]
-    lengths = offsets[select + 1] - starts
-    new_offsets = np.zeros(len(select) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
-    total = int(new_offsets[-1])
-    if total == 0:
-        return np.zeros(0, dtype=np.int64), new_offsets
-    row_of = np.repeat(np.arange(len(select), dtype=np.int64), lengths)
-    flat = starts[row_of] + (np.arange(total, dtype=np.int64) - new_offsets[row_of])
-    return flat, new_offsets
-
-
-def bonds_to_pairs(bond_types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Upper-triangle ``(i, j, order)`` lists of a dense bond matrix.
-
-    Args:
-        bond_types: ``(N, N)`` integer matrix (0 = none).
-
-    Returns:
-        ``(pairs, orders)``: ``(B, 2)`` int32 with ``i < j`` and ``(B,)`` uint8 in 1..4.
-
-    Raises:
-        ValueError: matrix not square, not symmetric, non-zero diagonal or orders outside 0..4.
-    """
-    b = np.asarray(bond_types)
-    if b.ndim != 2 or b.shape[0] != b.shape[1]:
-        raise ValueError(f"bond_types must be a square (N, N) matrix, got shape {b.shape}")
-    if not np.array_equal(b, b.T):
-        raise ValueError("bond_types must be symmetric")
-    if np.any(np.diag(b) != 0):
-        raise ValueError("bond_types must have a zero diagonal (no self bonds)")
-    if b.size and (b.min() < 0 or b.max() >= NUM_BOND_TYPES):
-        raise ValueError(f"bond_types entries must lie in 0..{NUM_BOND_TYPES - 1}, got range "
-                         f"[{b.min()}, {b.max()}]")
-    i, j = np.nonzero(np.triu(b, k=1))
-    return np.stack([i, j], axis=1).astype(np.int32), b[i, j].astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------
-# The dataset container
-# ----------------------------------------------------------------------------------------------
-
-
-class MoleculeDataset(Dataset):
-    """Molecules with 3-D coordinates and a bond graph, stored as concatenated arrays.
-
-    Every item (``dataset[k]``) is a dict:
-
-    * ``positions``: ``(N, 3)`` float32 tensor, Å;
-    * ``atomic_numbers``: ``(N,)`` int64 tensor;
-    * ``atom_types``: ``(N,)`` int64 tensor, index into :attr:`elements`;
-    * ``bond_types``: ``(N, N)`` int64 tensor, symmetric, 0 none / 1 single / 2 double /
-      3 triple / 4 aromatic;
-    * ``index``: int, the molecule's identifier in its source (QM9 id, frame number, SDF record);
-    * ``smiles``: str (may be empty when the source has none);
-    * ``num_atoms``: int, ``N``.
-
-    Args:
-        positions: ``(A, 3)`` float coordinates of all atoms of all molecules (Å).
-        atomic_numbers: ``(A,)`` integer atomic numbers.
-        atom_offsets: ``(M + 1,)`` int64, molecule ``k`` owns atoms
-            ``atom_offsets[k]:atom_offsets[k + 1]``; starts at 0, non-decreasing.
-        bond_pairs: ``(B, 2)`` integer local atom indices of each bond (within its molecule).
-        bond_orders: ``(B,)`` integer bond types in 1..4.
-        bond_offsets: ``(M + 1,)`` int64 offsets of each molecule's bonds.
-        indices: ``(M,)`` int64 source identifiers.
-        smiles: ``M`` strings or None (empty strings).
-        split_labels: ``(M,)`` int8, 0 train / 1 valid / 2 test / -1 none; None = all -1.
-        elements: atomic numbers defining ``atom_types`` (default :data:`ELEMENTS`). Every atomic
-            number present must be listed.
-        heavy_atoms_only: drop hydrogens (and their bonds) on construction.
-        skipped: counts of source records dropped while loading, by reason.
-        source: a short description of where the data came from.
-        metadata: extra JSON-serialisable information.
-
-    Raises:
-        ValueError: inconsistent shapes/offsets, NaN or infinite coordinates, bonds out of range,
-            self or duplicate bonds, bond orders outside 1..4, or elements not in ``elements``.
-    """
-
-    def __init__(
-        self,
-        positions: np.ndarray,
-        atomic_numbers: np.ndarray,
-        atom_offsets: np.ndarray,
-        bond_pairs: np.ndarray,
-        bond_orders: np.ndarray,
-        bond_offsets: np.ndarray,
-        indices: np.ndarray,
-        smiles: Sequence[str] | None = None,
-        split_labels: np.ndarray | None = None,
-        elements: Sequence[int] = ELEMENTS,
-        heavy_atoms_only: bool = False,
-        skipped: Mapping[str, int] | None = None,
-        source: str = "",
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        pos = np.ascontiguousarray(positions, dtype=np.float32)
-        atom_offsets = np.asarray(atom_offsets)
-        bond_offsets = np.asarray(bond_offsets)
-        if atom_offsets.ndim != 1 or atom_offsets.size < 1:
-            raise ValueError(f"atom_offsets must be a 1-D array of length M + 1, got shape {atom_offsets.shape}")
-        m = atom_offsets.size - 1
-        if pos.ndim != 2 or pos.shape[1] != 3:
-            raise ValueError(f"positions must have shape (A, 3), got {pos.shape}")
-        z = np.asarray(atomic_numbers)
-        if z.shape != (pos.shape[0],):
-            raise ValueError(f"atomic_numbers must have shape ({pos.shape[0]},) to match positions, got {z.shape}")
-        if (z.size and not np.issubdtype(z.dtype, np.integer)
-                and (not np.all(np.isfinite(z)) or not np.all(z == np.round(z)))):
-            raise ValueError("atomic_numbers must be integers")
-        self.elements: tuple[int, ...] = _check_elements(elements)
-        self._check_offsets("atom_offsets", atom_offsets, pos.shape[0])
-        pairs = np.asarray(bond_pairs)
-        orders = np.asarray(bond_orders)
-        if pairs.size == 0:
-            pairs = pairs.reshape(0, 2)
-        if pairs.ndim != 2 or pairs.shape[1] != 2:
-            raise ValueError(f"bond_pairs must have shape (B, 2), got {pairs.shape}")
-        if orders.shape != (pairs.shape[0],):
-            raise ValueError(f"bond_orders must have shape ({pairs.shape[0]},), got {orders.shape}")
-        if bond_offsets.shape != (m + 1,):
-            raise ValueError(f"bond_offsets must have shape ({m + 1},) (one more than the number of "
-                             f"molecules), got {bond_offsets.shape}")
-        self._check_offsets("bond_offsets", bond_offsets, pairs.shape[0])
-        idx = np.asarray(indices)
-        if idx.shape != (m,):
-            raise ValueError(f"indices must have shape ({m},), got {idx.shape}")
-        if smiles is None:
-            smiles = [""] * m
-        smiles = [str(s) for s in smiles]
-        if len(smiles) != m:
-            raise ValueError(f"smiles must have {m} entries, got {len(smiles)}")
-        if split_labels is None:
-            labels = np.full(m, -1, dtype=np.int8)
-        else:
-            labels = np.asarray(split_labels).astype(np.int8)
-            if labels.shape != (m,):
-                raise ValueError(f"split_labels must have shape ({m},), got {labels.shape}")
-            if labels.size and (labels.min() < -1 or labels.max() >= len(SPLIT_NAMES)):
-                raise ValueError("split_labels must lie in -1..2 (-1 none, 0 train, 1 valid, 2 test)")
-
-        self._pos = pos
-        self._z = z.astype(np.int64)
-        self._atom_offsets = atom_offsets.astype(np.int64)
-        self._pairs = pairs.astype(np.int32)
-        if orders.size and np.issubdtype(orders.dtype, np.floating) and np.any(orders != np.round(orders)):
-            raise ValueError("bond_orders must be integers 1..4")
-        self._orders = orders.astype(np.int64)
-        self._bond_offsets = bond_offsets.astype(np.int64)
-        self.indices: np.ndarray = idx.astype(np.int64)
-        self._smiles: list[str] = smiles
-        self.split_labels: np.ndarray = labels
-        self.skipped: dict[str, int] = {str(k): int(v) for k, v in (skipped or {}).items()}
-        self.source: str = str(source)
-        self.metadata: dict[str, Any] = dict(metadata or {})
-        self.heavy_atoms_only: bool = False
-        self._validate_contents()
-        self._set_type_table()
-        if heavy_atoms_only:
-            self._drop_hydrogens()
-
-    # -- validation ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_offsets(name: str, offsets: np.ndarray, total: int) -> None:
-        if not np.issubdtype(offsets.dtype, np.integer):
-            raise ValueError(f"{name} must be integers, got dtype {offsets.dtype}")
-        if offsets[0] != 0:
-            raise ValueError(f"{name} must start at 0, got {offsets[0]}")
-        if np.any(np.diff(offsets) < 0):
-            raise ValueError(f"{name} must be non-decreasing")
-        if offsets[-1] != total:
-            raise ValueError(f"{name} ends at {offsets[-1]} but there are {total} entries")
-
-    def _molecules_of(self, mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Source indices of the molecules owning the flat entries selected by ``mask``."""
-        rows = np.searchsorted(offsets, np.nonzero(mask)[0], side="right") - 1
-        return self.indices[np.unique(rows)]
-
-    def _validate_contents(self) -> None:
-        bad = ~np.isfinite(self._pos).all(axis=1)
-        if bad.any():
-            ids = self._molecules_of(bad, self._atom_offsets)
-            raise ValueError(f"positions contain NaN or infinite values for {ids.size} molecule(s), "
-                             f"indices {ids[:10].tolist()}")
-        if self._z.size and (self._z.min() < 1 or self._z.max() > _MAX_Z):
-            raise ValueError(f"atomic_numbers must lie in 1..{_MAX_Z}, got range "
-                             f"[{self._z.min()}, {self._z.max()}]")
-        if self._pairs.shape[0]:
-            if self._orders.min() < 1 or self._orders.max() >= NUM_BOND_TYPES:
-                raise ValueError(f"bond_orders must lie in 1..{NUM_BOND_TYPES - 1} "
-                                 f"(1 single, 2 double, 3 triple, 4 aromatic), got range "
-                                 f"[{self._orders.min()}, {self._orders.max()}]")
-            counts = np.diff(self._atom_offsets)
-            mol_of_bond = np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self._bond_offsets))
-            n_of_bond = counts[mol_of_bond]
-            i, j = self._pairs[:, 0].astype(np.int64), self._pairs[:, 1].astype(np.int64)
-            out = (i < 0) | (j < 0) | (i >= n_of_bond) | (j >= n_of_bond)
-            if out.any():
-                ids = self.indices[np.unique(mol_of_bond[out])]
-                raise ValueError(f"bond_pairs refer to atoms outside their molecule (atom count mismatch "
-                                 f"between graph and coordinates) for molecule(s) {ids[:10].tolist()}")
-            if np.any(i == j):
-                ids = self.indices[np.unique(mol_of_bond[i == j])]
-                raise ValueError(f"self bonds (i == j) in molecule(s) {ids[:10].tolist()}")
-            lo, hi = np.minimum(i, j), np.maximum(i, j)
-            key = (mol_of_bond * (int(counts.max()) + 1) + lo) * (int(counts.max()) + 1) + hi
-            uniq, first = np.unique(key, return_counts=True)
-            if np.any(first > 1):
-                dup = np.isin(key, uniq[first > 1])
-                ids = self.indices[np.unique(mol_of_bond[dup])]
-                raise ValueError(f"duplicate bonds in molecule(s) {ids[:10].tolist()}")
-            # canonical orientation i < j
-            self._pairs = np.stack([lo, hi], axis=1).astype(np.int32)
-        self._orders = self._orders.astype(np.uint8)
-
-    def _set_type_table(self) -> None:
-        table = np.full(_MAX_Z + 1, -1, dtype=np.int64)
-        table[list(self.elements)] = np.arange(len(self.elements))
-        if self._z.size:
-            present = np.unique(self._z)
-            unknown = [int(z) for z in present if table[z] < 0]
-            if unknown:
-                names = ", ".join(f"{element_symbol(z)} (Z={z})" for z in unknown)
-                raise ValueError(f"unknown element(s) {names} not in the element list "
-                                 f"{[element_symbol(z) for z in self.elements]}; pass elements=... "
-                                 f"to extend it")
-        self._type_table = table
-
-    def _drop_hydrogens(self) -> None:
-        """Remove hydrogen atoms and every bond touching one (vectorised, in place)."""
-        keep = self._z != 1
-        counts = np.diff(self._atom_offsets)
-        mol_of_atom = np.repeat(np.arange(len(self), dtype=np.int64), counts)
-        new_counts = np.bincount(mol_of_atom[keep], minlength=len(self)).astype(np.int64)
-        new_offsets = np.zeros(len(self) + 1, dtype=np.int64)
-        np.cumsum(new_counts, out=new_offsets[1:])
-        new_global = np.cumsum(keep) - 1  # valid where keep
-        mol_of_bond = np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self._bond_offsets))
-        gi = self._atom_offsets[mol_of_bond] + self._pairs[:, 0]
-        gj = self._atom_offsets[mol_of_bond] + self._pairs[:, 1]
-        bkeep = keep[gi] & keep[gj]
-        new_pairs = np.stack([new_global[gi[bkeep]] - new_offsets[mol_of_bond[bkeep]],
-                              new_global[gj[bkeep]] - new_offsets[mol_of_bond[bkeep]]], axis=1)
-        new_bond_offsets = np.zeros(len(self) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(mol_of_bond[bkeep], minlength=len(self)), out=new_bond_offsets[1:])
-        self._pos = np.ascontiguousarray(self._pos[keep])
-        self._z = self._z[keep]
-        self._atom_offsets = new_offsets
-        self._pairs = new_pairs.astype(np.int32)
-        self._orders = self._orders[bkeep]
-        self._bond_offsets = new_bond_offsets
-        self.heavy_atoms_only = True
-
-    # -- basic protocol -----------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return int(self._atom_offsets.size - 1)
-
-    def _row(self, k: int) -> int:
-        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-            raise TypeError(f"dataset index must be an int, got {type(k).__name__}")
-        n = len(self)
-        k = int(k)
-        if k < -n or k >= n:
-            raise IndexError(f"molecule {k} out of range for a dataset of {n}")
-        return k + n if k < 0 else k
-
-    def get_numpy(self, k: int) -> dict[str, Any]:
-        """Item ``k`` as numpy arrays (same keys and dtypes as :meth:`__getitem__`)."""
-        k = self._row(k)
-        a0, a1 = self._atom_offsets[k], self._atom_offsets[k + 1]
-        b0, b1 = self._bond_offsets[k], self._bond_offsets[k + 1]
-        n = int(a1 - a0)
-        z = self._z[a0:a1].copy()
-        bonds = np.zeros((n, n), dtype=np.int64)
-        p = self._pairs[b0:b1]
-        o = self._orders[b0:b1]
-        bonds[p[:, 0], p[:, 1]] = o
-        bonds[p[:, 1], p[:, 0]] = o
-        return {
-            "positions": self._pos[a0:a1].copy(),
-            "atomic_numbers": z,
-            "atom_types": self._type_table[z],
-            "bond_types": bonds,
-            "index": int(self.indices[k]),
-            "smiles": self._smiles[k],
-            "num_atoms": n,
-        }
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        item = self.get_numpy(k)
-        for key in ("positions", "atomic_numbers", "atom_types", "bond_types"):
-            item[key] = torch.from_numpy(item[key])
-        return item
-
-    def __repr__(self) -> str:
-        return (f"MoleculeDataset(n={len(self)}, atoms={self._pos.shape[0]}, source={self.source!r}, "
-                f"heavy_atoms_only={self.heavy_atoms_only}, elements={self.elements})")
-
-    # -- vectorised views ---------------------------------------------------------------------
-
-    @property
-    def num_atoms(self) -> np.ndarray:
-        """``(M,)`` int64 atom count per molecule."""
-        return np.diff(self._atom_offsets)
-
-    @property
-    def num_bonds(self) -> np.ndarray:
-        """``(M,)`` int64 bond count per molecule."""
-        return np.diff(self._bond_offsets)
-
-    @property
-    def smiles(self) -> list[str]:
-        """SMILES strings (a copy of the list)."""
-        return list(self._smiles)
-
-    @property
-    def all_positions(self) -> np.ndarray:
-        """``(A, 3)`` float32 concatenated coordinates (read-only view), Å."""
-        v = self._pos.view()
-        v.flags.writeable = False
-        return v
-
-    @property
-    def all_atomic_numbers(self) -> np.ndarray:
-        """``(A,)`` int64 concatenated atomic numbers (read-only view)."""
-        v = self._z.view()
-        v.flags.writeable = False
-        return v
-
-    @property
-    def atom_offsets(self) -> np.ndarray:
-        """``(M + 1,)`` int64 atom offsets (copy)."""
-        return self._atom_offsets.copy()
-
-    def bond_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Flat bond list ``(molecule_row (B,), pairs (B, 2) local, orders (B,))`` (copies)."""
-        mol = np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self._bond_offsets))
-        return mol, self._pairs.astype(np.int64), self._orders.astype(np.int64)
-
-    def find(self, index: int) -> int:
-        """Row of the molecule whose source identifier is ``index``.
-
-        Raises:
-            KeyError: no molecule has that identifier.
-        """
-        hits = np.nonzero(self.indices == int(index))[0]
-        if hits.size == 0:
-            raise KeyError(f"no molecule with index {index} in this dataset")
-        return int(hits[0])
-
-    # -- derived datasets ---------------------------------------------------------------------
-
-    def _arrays(self) -> dict[str, Any]:
-        return dict(
-            positions=self._pos, atomic_numbers=self._z, atom_offsets=self._atom_offsets,
-            bond_pairs=self._pairs, bond_orders=self._orders, bond_offsets=self._bond_offsets,
-            indices=self.indices, smiles=self._smiles, split_labels=self.split_labels,
-        )
-
-    def _derived(self, **changes: Any) -> MoleculeDataset:
-        kw = self._arrays()
-        kw.update(elements=self.elements, heavy_atoms_only=False, skipped=self.skipped,
-                  source=self.source, metadata=self.metadata)
-        kw.update(changes)
-        new = MoleculeDataset(**kw)
-        new.heavy_atoms_only = new.heavy_atoms_only or self.heavy_atoms_only
-        return new
-
-    def subset(self, rows: Iterable[int] | np.ndarray) -> MoleculeDataset:
-        """A new compact dataset with the molecules at ``rows`` (positions, in the given order)."""
-        sel = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows)
-        if sel.dtype == bool:
-            if sel.shape != (len(self),):
-                raise ValueError(f"boolean row mask must have shape ({len(self)},), got {sel.shape}")
-            sel = np.nonzero(sel)[0]
-        sel = sel.astype(np.int64).reshape(-1)
-        if sel.size and (sel.min() < 0 or sel.max() >= len(self)):
-            raise IndexError(f"subset rows must lie in 0..{len(self) - 1}")
-        flat_a, new_a = _ragged_gather(self._atom_offsets, sel)
-        flat_b, new_b = _ragged_gather(self._bond_offsets, sel)
-        return self._derived(
-            positions=self._pos[flat_a], atomic_numbers=self._z[flat_a], atom_offsets=new_a,
-            bond_pairs=self._pairs[flat_b], bond_orders=self._orders[flat_b], bond_offsets=new_b,
-            indices=self.indices[sel], smiles=[self._smiles[i] for i in sel],
-            split_labels=self.split_labels[sel],
-        )
-
-    def split(self, name: str) -> MoleculeDataset:
-        """The ``"train"``, ``"valid"`` or ``"test"`` part (a new dataset).
-
-        Raises:
-            ValueError: unknown split name, or the dataset has no split labels (user data).
-        """
-        if name not in SPLIT_NAMES:
-            raise ValueError(f"unknown split {name!r}; choose one of {list(SPLIT_NAMES)}")
-        if np.all(self.split_labels < 0):
-            raise ValueError(f"dataset {self.source!r} has no train/valid/test split labels; "
-                             f"use subset() to split it yourself")
-        return self.subset(np.nonzero(self.split_labels == SPLIT_NAMES.index(name))[0])
-
-    def without_hydrogens(self) -> MoleculeDataset:
-        """A copy with hydrogens and their bonds removed (``heavy_atoms_only=True``)."""
-        return self._derived(heavy_atoms_only=True)
-
-    def with_elements(self, elements: Sequence[int]) -> MoleculeDataset:
-        """A copy whose ``atom_types`` index into a different element list."""
-        return self._derived(elements=elements)
-
-    # -- persistence --------------------------------------------------------------------------
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Pickle-free arrays describing the dataset (the ``.npz`` layout of :meth:`save`)."""
-        enc = [s.encode("utf-8") for s in self._smiles]
-        s_off = np.zeros(len(enc) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in enc], out=s_off[1:])
-        meta = {"skipped": self.skipped, "source": self.source, "metadata": self.metadata}
-        return {
-            "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
-            "positions": self._pos,
-            "atomic_numbers": self._z.astype(np.uint8),
-            "atom_offsets": self._atom_offsets,
-            "bond_pairs": self._pairs.astype(np.uint8 if self._pairs.size == 0 or self._pairs.max() < 256 else np.int32),
-            "bond_orders": self._orders.astype(np.uint8),
-            "bond_offsets": self._bond_offsets,
-            "indices": self.indices,
-            "smiles_bytes": np.frombuffer(b"".join(enc), dtype=np.uint8),
-            "smiles_offsets": s_off,
-            "split_labels": self.split_labels,
-            "elements": np.asarray(self.elements, dtype=np.int64),
-            "heavy_atoms_only": np.array(self.heavy_atoms_only),
-            "meta_json": np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8),
-        }
-
-    def save(self, path: str | os.PathLike, compressed: bool = True) -> None:
-        """Write the dataset to ``path`` (``.npz``, no pickles) atomically."""
-        atomic_savez(path, self.to_arrays(), compressed=compressed)
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray], *, elements: Sequence[int] | None = None,
-                    heavy_atoms_only: bool = False, origin: str = "arrays") -> MoleculeDataset:
-        """Inverse of :meth:`to_arrays`.
-
-        Args:
-            arrays: mapping with the keys written by :meth:`to_arrays`.
-            elements: element list for ``atom_types``; None keeps the stored one.
-            heavy_atoms_only: additionally drop hydrogens (stored heavy-only data stay heavy-only).
-            origin: name used in error messages (e.g. the file path).
-
-        Raises:
-            ValueError: missing keys, unsupported format version or inconsistent content.
-        """
-        required = ("format_version", "positions", "atomic_numbers", "atom_offsets", "bond_pairs",
-                    "bond_orders", "bond_offsets", "indices", "smiles_bytes", "smiles_offsets",
-                    "split_labels", "elements", "heavy_atoms_only", "meta_json")
-        missing = [k for k in required if k not in arrays]
-        if missing:
-            raise ValueError(f"{origin}: not a qmanifold molecule file, missing field(s) {missing}")
-        version = int(np.asarray(arrays["format_version"]))
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{origin}: unsupported format_version {version} (expected {FORMAT_VERSION})")
-        raw = np.asarray(arrays["smiles_bytes"], dtype=np.uint8).tobytes()
-        s_off = np.asarray(arrays["smiles_offsets"], dtype=np.int64)
-        if s_off.ndim != 1 or s_off.size < 1 or s_off[-1] != len(raw) or np.any(np.diff(s_off) < 0):
-            raise ValueError(f"{origin}: malformed smiles_offsets")
-        smiles = [raw[s_off[i]:s_off[i + 1]].decode("utf-8") for i in range(s_off.size - 1)]
-        try:
-            meta = json.loads(np.asarray(arrays["meta_json"], dtype=np.uint8).tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{origin}: malformed meta_json ({exc})") from exc
-        stored_elements = tuple(int(z) for z in np.asarray(arrays["elements"]).tolist())
-        ds = cls(
-            positions=arrays["positions"], atomic_numbers=np.asarray(arrays["atomic_numbers"]).astype(np.int64),
-            atom_offsets=arrays["atom_offsets"], bond_pairs=np.asarray(arrays["bond_pairs"]).astype(np.int32),
-            bond_orders=arrays["bond_orders"], bond_offsets=arrays["bond_offsets"],
-            indices=arrays["indices"], smiles=smiles, split_labels=arrays["split_labels"],
-            elements=stored_elements if elements is None else elements,
-            heavy_atoms_only=heavy_atoms_only, skipped=meta.get("skipped"),
-            source=meta.get("source", ""), metadata=meta.get("metadata"),
-        )
-        if bool(np.asarray(arrays["heavy_atoms_only"])):
-            ds.heavy_atoms_only = True
-        return ds
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, elements: Sequence[int] | None = None,
-             heavy_atoms_only: bool = False) -> MoleculeDataset:
-        """Read a file written by :meth:`save` (pure numpy; no RDKit needed).
-
-        Raises:
-            FileNotFoundError: ``path`` does not exist.
-            ValueError: the file is not a valid qmanifold molecule file.
-        """
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"molecule file not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError, KeyError) as exc:
-            raise ValueError(f"{path}: cannot read as .npz ({type(exc).__name__}: {exc})") from exc
-        except Exception as exc:  # zipfile.BadZipFile and friends
-            raise ValueError(f"{path}: cannot read as .npz ({type(exc).__name__}: {exc})") from exc
-        return cls.from_arrays(arrays, elements=elements, heavy_atoms_only=heavy_atoms_only, origin=path)
-
-    @classmethod
-    def from_molecules(
-        cls,
-        molecules: Iterable[Mapping[str, Any]],
-        *,
-        elements: Sequence[int] = ELEMENTS,
-        heavy_atoms_only: bool = False,
-        skipped: Mapping[str, int] | None = None,
-        source: str = "",
-        metadata: Mapping[str, Any] | None = None,
-    ) -> MoleculeDataset:
-        """Build a dataset from per-molecule dicts.
-
-        Each dict needs ``positions`` ``(N, 3)`` Å and ``atomic_numbers`` ``(N,)``, and either
-        ``bond_types`` ``(N, N)`` or ``bond_pairs`` ``(B, 2)`` + ``bond_orders`` ``(B,)``; optional
-        ``index`` (default: running number), ``smiles`` (default ""), ``split_label`` (default -1).
-        """
-        pos, zs, pairs, orders, n_atoms, n_bonds, idx, smi, lab = [], [], [], [], [], [], [], [], []
-        for k, mol in enumerate(molecules):
-            p = np.asarray(mol["positions"], dtype=np.float64)
-            z = np.asarray(mol["atomic_numbers"])
-            if p.ndim != 2 or p.shape[1] != 3:
-                raise ValueError(f"molecule {k}: positions must have shape (N, 3), got {p.shape}")
-            if z.shape != (p.shape[0],):
-                raise ValueError(f"molecule {k}: atomic_numbers shape {z.shape} does not match "
-                                 f"{p.shape[0]} atoms in positions")
-            if "bond_types" in mol:
-                bt = np.asarray(mol["bond_types"])
-                if bt.shape != (p.shape[0], p.shape[0]):
-                    raise ValueError(f"molecule {k}: bond_types shape {bt.shape} does not match "
-                                     f"{p.shape[0]} atoms in positions")
-                pr, od = bonds_to_pairs(bt)
-            else:
-                pr = np.asarray(mol.get("bond_pairs", np.zeros((0, 2))), dtype=np.int64).reshape(-1, 2)
-                od = np.asarray(mol.get("bond_orders", np.ones(len(pr))), dtype=np.int64).reshape(-1)
-            pos.append(p)
-            zs.append(z.astype(np.int64))
-            pairs.append(pr.astype(np.int64))
-            orders.append(od.astype(np.int64))
-            n_atoms.append(p.shape[0])
-            n_bonds.append(pr.shape[0])
-            idx.append(int(mol.get("index", k)))
-            smi.append(str(mol.get("smiles", "")))
-            lab.append(int(mol.get("split_label", -1)))
-        a_off = np.zeros(len(n_atoms) + 1, dtype=np.int64)
-        np.cumsum(n_atoms, out=a_off[1:])
-        b_off = np.zeros(len(n_bonds) + 1, dtype=np.int64)
-        np.cumsum(n_bonds, out=b_off[1:])
-        return cls(
-            positions=np.concatenate(pos) if pos else np.zeros((0, 3)),
-            atomic_numbers=np.concatenate(zs) if zs else np.zeros(0, dtype=np.int64),
-            atom_offsets=a_off,
-            bond_pairs=np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64),
-            bond_orders=np.concatenate(orders) if orders else np.zeros(0, dtype=np.int64),
-            bond_offsets=b_off, indices=np.asarray(idx, dtype=np.int64), smiles=smi,
-            split_labels=np.asarray(lab, dtype=np.int8), elements=elements,
-            heavy_atoms_only=heavy_atoms_only, skipped=skipped, source=source, metadata=metadata,
-        )
-
-    def summary(self) -> str:
-        """One-paragraph human-readable description (counts, sizes, skipped records)."""
-        n = self.num_atoms
-        parts = [f"{len(self)} molecules from {self.source or 'unknown source'}"]
-        if len(self):
-            parts.append(f"{int(n.sum())} atoms (per molecule min {int(n.min())}, "
-                         f"mean {float(n.mean()):.2f}, max {int(n.max())})")
-        if np.any(self.split_labels >= 0):
-            sizes = {s: int(np.sum(self.split_labels == i)) for i, s in enumerate(SPLIT_NAMES)}
-            parts.append("split " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
-        total_skipped = sum(self.skipped.values())
-        if total_skipped:
-            parts.append(f"skipped {total_skipped} (" + ", ".join(
-                f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")")
-        else:
-            parts.append("skipped 0")
-        if self.heavy_atoms_only:
-            parts.append("hydrogens removed")
-        return "; ".join(parts)
-
 
 # ----------------------------------------------------------------------------------------------
 # Bond perception (RDKit)
@@ -788,34 +140,34 @@ def _bonds_from_field(bonds: np.ndarray, n: int, origin: str) -> np.ndarray:
     b = np.asarray(bonds)
     if b.dtype == object or not (np.issubdtype(b.dtype, np.integer) or np.issubdtype(b.dtype, np.floating)
                                   or b.dtype == bool):
-        raise ValueError(f"{origin}: field 'bonds' must be numeric, got dtype {b.dtype}")
+        raise InputError(f"{origin}: field 'bonds' must be numeric, got dtype {b.dtype}")
     if b.ndim != 2:
-        raise ValueError(f"{origin}: field 'bonds' must be 2-D ((M, 2), (M, 3) or (N, N)), got shape {b.shape}")
+        raise InputError(f"{origin}: field 'bonds' must be 2-D ((M, 2), (M, 3) or (N, N)), got shape {b.shape}")
     if not np.all(np.isfinite(b)):
-        raise ValueError(f"{origin}: field 'bonds' contains NaN or infinite values")
+        raise InputError(f"{origin}: field 'bonds' contains NaN or infinite values")
     bf = b.astype(np.float64)
     if b.shape == (n, n) and np.array_equal(bf, bf.T) and np.all(np.diag(bf) == 0):
         if np.any((bf != np.round(bf)) | (bf < 0) | (bf >= NUM_BOND_TYPES)):
-            raise ValueError(f"{origin}: field 'bonds' as an (N, N) matrix must hold integers 0..4 "
+            raise InputError(f"{origin}: field 'bonds' as an (N, N) matrix must hold integers 0..4 "
                              f"(0 none, 1 single, 2 double, 3 triple, 4 aromatic)")
         return bf.astype(np.int64)
     if b.shape[1] not in (2, 3):
-        raise ValueError(f"{origin}: field 'bonds' has shape {b.shape}; expected (M, 2) pairs, (M, 3) "
+        raise InputError(f"{origin}: field 'bonds' has shape {b.shape}; expected (M, 2) pairs, (M, 3) "
                          f"(i, j, order) rows or an ({n}, {n}) symmetric matrix with zero diagonal")
     ij = bf[:, :2]
     if np.any(ij != np.round(ij)):
-        raise ValueError(f"{origin}: field 'bonds' atom indices must be integers")
+        raise InputError(f"{origin}: field 'bonds' atom indices must be integers")
     ij = ij.astype(np.int64)
     if ij.size and (ij.min() < 0 or ij.max() >= n):
-        raise ValueError(f"{origin}: field 'bonds' refers to atom {int(ij.max()) if ij.max() >= n else int(ij.min())}"
+        raise InputError(f"{origin}: field 'bonds' refers to atom {int(ij.max()) if ij.max() >= n else int(ij.min())}"
                          f" but the molecule has {n} atoms (atom count mismatch)")
     if np.any(ij[:, 0] == ij[:, 1]):
-        raise ValueError(f"{origin}: field 'bonds' contains a self bond (i == j)")
+        raise InputError(f"{origin}: field 'bonds' contains a self bond (i == j)")
     if b.shape[1] == 3:
         order = bf[:, 2].copy()
         order[order == 1.5] = BOND_AROMATIC
         if np.any((order != np.round(order)) | (order < 1) | (order > BOND_AROMATIC)):
-            raise ValueError(f"{origin}: field 'bonds' orders must be 1, 2, 3, 4 (aromatic) or 1.5 "
+            raise InputError(f"{origin}: field 'bonds' orders must be 1, 2, 3, 4 (aromatic) or 1.5 "
                              f"(aromatic), got {sorted(set(bf[:, 2].tolist()))}")
         order = order.astype(np.int64)
     else:
@@ -823,7 +175,7 @@ def _bonds_from_field(bonds: np.ndarray, n: int, origin: str) -> np.ndarray:
     mat = np.zeros((n, n), dtype=np.int64)
     lo, hi = np.minimum(ij[:, 0], ij[:, 1]), np.maximum(ij[:, 0], ij[:, 1])
     if len(np.unique(lo * n + hi)) != len(lo):
-        raise ValueError(f"{origin}: field 'bonds' lists the same atom pair twice")
+        raise InputError(f"{origin}: field 'bonds' lists the same atom pair twice")
     mat[lo, hi] = order
     mat[hi, lo] = order
     return mat
@@ -842,8 +194,8 @@ def load_npz_ensemble(
     * ``positions`` (required): ``(F, N, 3)`` float, Å (a single ``(N, 3)`` frame is accepted);
     * ``atomic_numbers`` (required): ``(N,)`` integers;
     * ``bonds`` (optional): ``(M, 2)`` int pairs (single bonds), ``(M, 3)`` rows
-      ``(i, j, order)`` or an ``(N, N)`` symmetric matrix (see the module docstring for the
-      bond codes). Absent: connectivity is perceived from the first frame with RDKit
+      ``(i, j, order)`` or an ``(N, N)`` symmetric matrix (bond codes as in
+      :mod:`qmanifold.models.data.dataset`). Absent: connectivity is perceived from the first frame with RDKit
       (:func:`perceive_bonds`, all bonds single);
     * ``smiles`` (optional): a string stored with every frame.
 
@@ -853,54 +205,52 @@ def load_npz_ensemble(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: unreadable file, a missing or malformed field (named in the message),
+        InputError: not a valid ``.npz`` (:func:`~qmanifold.models.data.dataset.read_npz`), a
+            missing or malformed field (named in the message),
             NaN/infinite coordinates, atom count mismatch, or an element not in ``elements``.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"ensemble file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read as .npz ({type(exc).__name__}: {exc})") from exc
+    data = read_npz(path)
     for key in ("positions", "atomic_numbers"):
         if key not in data:
-            raise ValueError(f"{path}: missing required field '{key}' (found {sorted(data)})")
+            raise InputError(f"{path}: missing required field '{key}' (found {sorted(data)})")
     pos = np.asarray(data["positions"])
     if not (np.issubdtype(pos.dtype, np.floating) or np.issubdtype(pos.dtype, np.integer)):
-        raise ValueError(f"{path}: field 'positions' must be numeric, got dtype {pos.dtype}")
+        raise InputError(f"{path}: field 'positions' must be numeric, got dtype {pos.dtype}")
     if pos.ndim == 2:
         pos = pos[None]
     if pos.ndim != 3 or pos.shape[2] != 3:
-        raise ValueError(f"{path}: field 'positions' must have shape (F, N, 3), got {np.asarray(data['positions']).shape}")
+        raise InputError(f"{path}: field 'positions' must have shape (F, N, 3), got {np.asarray(data['positions']).shape}")
     if pos.shape[0] == 0 or pos.shape[1] == 0:
-        raise ValueError(f"{path}: field 'positions' is empty, shape {pos.shape}")
+        raise InputError(f"{path}: field 'positions' is empty, shape {pos.shape}")
     pos = pos.astype(np.float64)
     finite = np.isfinite(pos).all(axis=(1, 2))
     if not finite.all():
         bad = np.nonzero(~finite)[0]
-        raise ValueError(f"{path}: field 'positions' contains NaN or infinite coordinates in "
+        raise InputError(f"{path}: field 'positions' contains NaN or infinite coordinates in "
                          f"{bad.size} frame(s), e.g. frames {bad[:10].tolist()}")
     z = np.asarray(data["atomic_numbers"])
     if z.ndim != 1:
-        raise ValueError(f"{path}: field 'atomic_numbers' must have shape (N,), got {z.shape}")
+        raise InputError(f"{path}: field 'atomic_numbers' must have shape (N,), got {z.shape}")
     if not np.issubdtype(z.dtype, np.integer):
         zf = z.astype(np.float64) if np.issubdtype(z.dtype, np.floating) else None
         if zf is None or not np.all(np.isfinite(zf)) or np.any(zf != np.round(zf)):
-            raise ValueError(f"{path}: field 'atomic_numbers' must hold integers, got dtype {z.dtype}")
+            raise InputError(f"{path}: field 'atomic_numbers' must hold integers, got dtype {z.dtype}")
         z = zf.astype(np.int64)
     z = z.astype(np.int64)
     n = pos.shape[1]
     if z.shape[0] != n:
-        raise ValueError(f"{path}: atom count mismatch: 'positions' has {n} atoms per frame but "
+        raise InputError(f"{path}: atom count mismatch: 'positions' has {n} atoms per frame but "
                          f"'atomic_numbers' has {z.shape[0]}")
     els = _check_elements(elements)
     unknown = sorted(set(z.tolist()) - set(els))
     if unknown:
-        names = ", ".join(f"{element_symbol(u)} (Z={u})" for u in unknown)
-        raise ValueError(f"{path}: field 'atomic_numbers' has unknown element(s) {names}; the element "
-                         f"list is {[element_symbol(e) for e in els]} (pass elements=... to extend it)")
+        names = ", ".join(element_label(u) for u in unknown)
+        atoms = np.nonzero(np.isin(z, unknown))[0]
+        raise InputError(f"{path}: field 'atomic_numbers' has unknown element(s) {names} at atom(s) "
+                         f"{atoms[:10].tolist()}; supported elements: {_element_list_text(els)}")
     if "bonds" in data:
         bonds = _bonds_from_field(data["bonds"], n, f"{path}")
         bond_source = "file"
@@ -914,7 +264,7 @@ def load_npz_ensemble(
     if "smiles" in data:
         s = np.asarray(data["smiles"])
         if s.ndim != 0 or s.dtype.kind not in "US":
-            raise ValueError(f"{path}: field 'smiles' must be a single string, got dtype {s.dtype} shape {s.shape}")
+            raise InputError(f"{path}: field 'smiles' must be a single string, got dtype {s.dtype} shape {s.shape}")
         smiles = str(s.item().decode() if isinstance(s.item(), bytes) else s.item())
     pairs, orders = bonds_to_pairs(bonds)
     f_count = pos.shape[0]
@@ -972,6 +322,39 @@ def _rdkit_bond_code(bond) -> int:
             Chem.BondType.TRIPLE: BOND_TRIPLE, Chem.BondType.AROMATIC: BOND_AROMATIC}.get(bond.GetBondType(), 0)
 
 
+def sdf_supplier(path: str | os.PathLike, *, sanitize: bool = True, remove_hs: bool = False):
+    """RDKit's ``SDMolSupplier`` over ``path``, after checking that the file holds SDF records.
+
+    RDKit raises a bare ``OSError("File error: Invalid input file")`` for an empty file and yields
+    nothing for a file of blank lines; both are reported here as "no molecules in FILE".
+
+    Returns:
+        The supplier (``len(supplier) >= 1``; records are read lazily, ``supplier[k]`` is None for
+        a record RDKit cannot parse).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        InputError: ``path`` is a directory, the file is empty or holds no SDF record, or RDKit
+            cannot open it (the message names the file).
+        ImportError: RDKit is not installed.
+    """
+    Chem = _require_rdkit("reading SDF files")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"SDF file not found: {path}")
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory, not an SDF file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"no molecules in {path} (the file is empty)")
+    try:
+        supplier = Chem.SDMolSupplier(path, removeHs=remove_hs, sanitize=sanitize)
+    except OSError as exc:
+        raise InputError(f"{path}: RDKit cannot open it as an SDF file ({exc})") from exc
+    if len(supplier) == 0:
+        raise InputError(f"no molecules in {path} (no SDF record in the file)")
+    return supplier
+
+
 def load_sdf(
     path: str | os.PathLike,
     *,
@@ -995,24 +378,27 @@ def load_sdf(
     ``index`` is the 0-based record number in the file; ``smiles`` is RDKit's canonical SMILES
     (hydrogens implicit).
 
+    The warning, and the error when no record is usable, name the unsupported elements (symbol
+    and atomic number), the records that hold them and the supported elements.
+
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: no usable molecule in the file.
+        InputError: the file is empty or holds no SDF record ("no molecules in FILE"), or no
+            record is usable ("no usable molecule", with the reasons).
         ImportError: RDKit is not installed.
     """
     Chem = _require_rdkit("load_sdf")
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"SDF file not found: {path}")
     els = _check_elements(elements)
     allowed = set(els)
     skipped: dict[str, int] = {}
+    unknown_records: dict[int, list[int]] = {}  # atomic number -> records holding it
 
     def skip(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
 
     mols: list[dict[str, Any]] = []
-    supplier = Chem.SDMolSupplier(path, removeHs=False, sanitize=sanitize)
+    supplier = sdf_supplier(path, sanitize=sanitize)
     from rdkit import RDLogger
 
     RDLogger.DisableLog("rdApp.*")
@@ -1035,6 +421,8 @@ def load_sdf(
                 continue
             z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
             if not set(z.tolist()) <= allowed:
+                for u in sorted(set(z.tolist()) - allowed):
+                    unknown_records.setdefault(u, []).append(rec)
                 skip("unknown_element")
                 continue
             n = len(z)
@@ -1057,11 +445,16 @@ def load_sdf(
             mols.append({"positions": pos, "atomic_numbers": z, "bond_types": bt, "index": rec, "smiles": smi})
     finally:
         RDLogger.EnableLog("rdApp.*")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+    if unknown_records:
+        reasons += ("; unknown element(s) " + ", ".join(
+            f"{element_label(u)} in record(s) {recs[:10]}" for u, recs in sorted(unknown_records.items()))
+            + f"; supported elements: {_element_list_text(els)}")
     if skipped:
-        warnings.warn(f"{path}: skipped {sum(skipped.values())} SDF record(s): "
-                      + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())), stacklevel=2)
+        warnings.warn(f"{path}: skipped {sum(skipped.values())} SDF record(s): {reasons}", stacklevel=2)
     if not mols:
-        raise ValueError(f"{path}: no usable molecule in the SDF file (skipped: {skipped or 'none'})")
+        raise InputError(f"{path}: no usable molecule in the SDF file ({len(supplier)} record(s) skipped: "
+                         f"{reasons})")
     return MoleculeDataset.from_molecules(mols, elements=els, heavy_atoms_only=heavy_atoms_only,
                                           skipped=skipped, source=path, metadata={"kind": "sdf"})
 
@@ -1085,7 +478,8 @@ def load_dataset(spec: str | os.PathLike, **kwargs: Any) -> MoleculeDataset:
     Extra keyword arguments go to the loader.
 
     Raises:
-        ValueError: unknown spec (the message lists the options).
+        InputError: unknown spec (the message lists the options), or a file that cannot be used
+            (the message names it).
         FileNotFoundError: a path spec that does not exist.
     """
     if not isinstance(spec, (str, os.PathLike)):
@@ -1103,14 +497,10 @@ def load_dataset(spec: str | os.PathLike, **kwargs: Any) -> MoleculeDataset:
     if key.endswith(".npz"):
         if not os.path.exists(s):
             raise FileNotFoundError(f"dataset file not found: {s}")
-        try:
-            with np.load(s, allow_pickle=False) as f:
-                is_dataset = "format_version" in f.files and "atom_offsets" in f.files
-        except Exception as exc:
-            raise ValueError(f"{s}: cannot read as .npz ({type(exc).__name__}: {exc})") from exc
-        if is_dataset:
-            return MoleculeDataset.load(s, **kwargs)
+        arrays = read_npz(s)
+        if "format_version" in arrays and "atom_offsets" in arrays:
+            return MoleculeDataset.from_arrays(arrays, origin=s, **kwargs)
         return load_npz_ensemble(s, **kwargs)
     if key.endswith(".sdf"):
         return load_sdf(s, **kwargs)
-    raise ValueError(f"unknown dataset spec {s!r}; options are: " + ", ".join(_DATASET_SPECS))
+    raise InputError(f"unknown dataset spec {s!r}; options are: " + ", ".join(_DATASET_SPECS))

@@ -71,7 +71,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import (
+from .dataset import (
     _SYMBOLS,
     BOND_AROMATIC,
     BOND_DOUBLE,

@@ -386,7 +386,7 @@ def test_dataset_save_load_roundtrip_and_corrupt_file(extract, tmp_path):
     assert isinstance(load_dataset(str(p)), MoleculeDataset)
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"this is not a zip file")
-    with pytest.raises(ValueError, match="cannot read as .npz"):
+    with pytest.raises(ValueError, match="not a valid .npz file"):
         MoleculeDataset.load(bad)
     np.savez(tmp_path / "other.npz", positions=np.zeros((2, 3)))
     with pytest.raises(ValueError, match="missing field"):
@@ -568,7 +568,7 @@ def _write(path, **arrays):
         ("bonds_bad_order", "field 'bonds' orders must be"),
         ("bonds_self", "self bond"),
         ("bonds_duplicate", "same atom pair twice"),
-        ("not_npz", "cannot read as .npz"),
+        ("not_npz", "not a valid .npz file"),
     ],
 )
 def test_npz_ensemble_errors(tmp_path, case, match):
