@@ -9,48 +9,52 @@ The main ``qmanifold`` program adds them with :func:`register`; standalone::
     python -m qmanifold.models.cli baseline --method etkdg --mmff --data qm9-extract --split test --limit 10 \\
         --n-per-molecule 4 --out runs/etkdg.sdf
 
-Every handler returns an exit code: 0 on success, 2 for bad input (the message, starting with
-``error:``, goes to stderr), 130 when training was interrupted (the checkpoint is written).
+Every handler returns an exit code: 0 on success, 2 for bad input (one line starting with
+``error:`` on stderr, no traceback; ``--debug`` or ``QMANIFOLD_DEBUG=1`` shows it), 130 when
+training was interrupted (the checkpoint is written).
+
+Files are safe: no command writes over one of its inputs (``sample --out`` is never the
+``--checkpoint``), outputs must differ from each other, an existing output file is replaced only
+with ``--overwrite``, and ``train`` refuses a non-empty ``--out`` without ``--resume`` (or
+``--overwrite``, which starts a new run there). Every output location is checked (created and
+test-written) before the work starts. Building these parsers imports no torch, numpy or RDKit;
+the handlers import them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 
-__all__ = ["register", "main", "cmd_train", "cmd_sample", "cmd_evaluate", "cmd_baseline"]
+from qmanifold._clitools import (
+    add_debug_flag,
+    bounded_float,
+    check_outputs,
+    check_run_dir,
+    nonnegative_int,
+    positive_int,
+    remove_run_files,
+    require_file,
+    run_handler,
+)
+from qmanifold.errors import InputError
 
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError, KeyError)
+__all__ = ["register", "main", "cmd_train", "cmd_sample", "cmd_evaluate", "cmd_baseline"]
 
 
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn expected errors into ``error: ...`` on stderr and exit code 2."""
+    """Turn expected errors into ``error: ...`` on stderr and exit code 2 (unless ``--debug``)."""
 
+    @functools.wraps(fn)
     def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except _USER_ERRORS as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"error: {msg}", file=sys.stderr)
-            return 2
+        return run_handler(fn, args)
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def _set_threads(n: int | None) -> None:
@@ -58,6 +62,11 @@ def _set_threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(int(n))
+
+
+def _input_path(spec: str | None) -> str | None:
+    """``spec`` if it names an existing file or directory (a dataset file), else None (``qm9``)."""
+    return spec if spec and os.path.exists(spec) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,15 +82,18 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="qm9-extract", help="qm9 | qm9-extract | FILE.npz | FILE.sdf (default qm9-extract)")
     g.add_argument("--heavy-atoms-only", action="store_true", help="drop hydrogens")
-    g.add_argument("--max-atoms", type=_positive_int, default=None, help="drop molecules with more atoms")
-    g.add_argument("--train-limit", type=_positive_int, default=None,
+    g.add_argument("--stereo", action=argparse.BooleanOptionalAction, default=None,
+                   help="stereo-annotated inputs: chirality and E/Z labels read from each reference geometry "
+                        "(default: on for stereo-aware models such as chiral_egnn)")
+    g.add_argument("--max-atoms", type=positive_int, default=None, help="drop molecules with more atoms")
+    g.add_argument("--train-limit", type=positive_int, default=None,
                    help="train on a fixed random subset of this many training molecules (same for every seed)")
-    g.add_argument("--val-limit", type=_positive_int, default=200, help="validation molecules (default 200)")
+    g.add_argument("--val-limit", type=positive_int, default=200, help="validation molecules (default 200)")
     g = p.add_argument_group("model and objective")
-    g.add_argument("--model", default="egnn", help="egnn | transformer (default egnn)")
-    g.add_argument("--hidden", type=_positive_int, default=None, help="hidden width (default: the model's)")
-    g.add_argument("--layers", type=_positive_int, default=None, help="number of layers (default: the model's)")
-    g.add_argument("--heads", type=_positive_int, default=None, help="attention heads (transformer)")
+    g.add_argument("--model", default="egnn", help="egnn | chiral_egnn (SE(3) only, stereo-aware) | transformer (default egnn)")
+    g.add_argument("--hidden", type=positive_int, default=None, help="hidden width (default: the model's)")
+    g.add_argument("--layers", type=positive_int, default=None, help="number of layers (default: the model's)")
+    g.add_argument("--heads", type=positive_int, default=None, help="attention heads (transformer)")
     g.add_argument("--model-kwargs", default=None, help="JSON dict of further model constructor arguments")
     g.add_argument("--loss", default="quotient", help="quotient | conventional | af3_align | geodiff_align (default quotient)")
     g.add_argument("--interpolant", default="linear", help="linear | vp_cosine | vp_linear | edm (default linear)")
@@ -89,53 +101,104 @@ def _add_train(sub) -> None:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random-rotation augmentation (default: on for the transformer, off for the EGNN)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_positive_int, default=1000, help="total optimisation steps (default 1000)")
-    g.add_argument("--batch-size", type=_positive_int, default=32, help="molecules per step and process (default 32)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
+    g.add_argument("--steps", type=positive_int, default=1000, help="total optimisation steps (default 1000)")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="molecules per step and process (default 32)")
+    g.add_argument("--lr", type=bounded_float(gt=0), default=1e-3, help="peak learning rate (default 1e-3)")
+    g.add_argument("--weight-decay", type=bounded_float(ge=0), default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--warmup", type=nonnegative_int, default=100, help="linear warm-up steps (default 100)")
     g.add_argument("--schedule", default="cosine", choices=("cosine", "constant"), help="learning-rate schedule")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights, 0 = off (default 0.999)")
+    g.add_argument("--grad-clip", type=bounded_float(ge=0), default=1.0, help="max gradient norm, 0 = off (default 1)")
+    g.add_argument("--ema", type=bounded_float(ge=0, lt=1), default=0.999,
+                   help="EMA decay of the weights in [0, 1), 0 = off (default 0.999)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     g = p.add_argument_group("run control")
-    g.add_argument("--out", required=True, help="run directory")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True,
+                   help="run directory: new or empty (or an existing run with --resume, or --overwrite)")
+    g.add_argument("--seed", type=nonnegative_int, default=0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (default auto)")
-    g.add_argument("--val-every", type=_positive_int, default=500, help="validate every K steps (default 500)")
-    g.add_argument("--ckpt-every", type=_positive_int, default=500, help="write last.pt every K steps (default 500)")
-    g.add_argument("--log-every", type=_positive_int, default=1, help="log the train loss every K steps (default 1)")
-    g.add_argument("--stop-after", type=_positive_int, default=None,
+    g.add_argument("--val-every", type=positive_int, default=500, help="validate every K steps (default 500)")
+    g.add_argument("--ckpt-every", type=positive_int, default=500, help="write last.pt every K steps (default 500)")
+    g.add_argument("--log-every", type=positive_int, default=1, help="log the train loss every K steps (default 1)")
+    g.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop this invocation at this step (schedule still planned for --steps); continue with --resume")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a non-empty --out: first delete the files of a previous run there "
+                        "(last.pt, best.pt, log.jsonl, config.json, summary.json; other files are kept)")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch.set_num_threads)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_flag(p, subcommand=True)
     p.set_defaults(func=cmd_train)
+
+
+def _parse_model_kwargs(args: argparse.Namespace) -> dict:
+    """``--model-kwargs`` as a dict (JSON object); syntax only, the keys are checked by
+    :func:`_check_model_kwargs` once the network classes are imported."""
+    if not args.model_kwargs:
+        return {}
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--model-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise InputError(f"--model-kwargs must be a JSON object such as '{{\"name\": value}}', got {args.model_kwargs!r}")
+    return kwargs
+
+
+def _check_model_kwargs(model: str, kwargs: dict, args: argparse.Namespace) -> None:
+    """Every key of ``--model-kwargs`` is a constructor argument of the network ``model``; the
+    message names the bad key and lists the valid ones. An unknown ``model`` is left to the
+    library's own check (which lists the models)."""
+    import inspect
+
+    from qmanifold.models.networks import DENOISERS
+
+    cls = DENOISERS.get(str(model).lower())
+    if cls is None or not kwargs:
+        return
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    managed = {"num_atom_types": "it is set from the data's element list",
+               "num_elements": "it is set from the data's element list"}
+    for name in ("hidden", "layers", "heads"):
+        if getattr(args, name, None) is not None:
+            managed[name] = f"--{name} is given as well"
+    valid = sorted(n for n, p in params.items()
+                   if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                   and n not in managed)
+    for key in kwargs:
+        if key in managed and key in params:
+            raise InputError(f"--model-kwargs: {key!r} cannot be given here ({managed[key]})")
+        if key not in params:
+            raise InputError(f"--model-kwargs: {key!r} is not an argument of the {cls.__name__} ({model}) "
+                             f"model; valid keys: {', '.join(valid)}")
 
 
 @_guard
 def cmd_train(args: argparse.Namespace) -> int:
     """Handler of ``train``."""
+    model_kwargs = _parse_model_kwargs(args)
+    stale = check_run_dir(args.out, {"--data": _input_path(args.data)}, resume=args.resume,
+                          overwrite=getattr(args, "overwrite", False))
+
     from qmanifold.models.training import TrainConfig, train
 
-    model_kwargs = {}
-    if args.model_kwargs:
-        try:
-            model_kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--model-kwargs is not valid JSON: {exc}") from None
-        if not isinstance(model_kwargs, dict):
-            raise ValueError("--model-kwargs must be a JSON object")
+    _check_model_kwargs(args.model, model_kwargs, args)
     cfg = TrainConfig(
         data=args.data, model=args.model, loss=args.loss, steps=args.steps, out=args.out,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         schedule=args.schedule, grad_clip=args.grad_clip, ema=args.ema, seed=args.seed, device=args.device,
         dtype=args.dtype, interpolant=args.interpolant, prediction=args.prediction, augment=args.augment,
         hidden=args.hidden, layers=args.layers, heads=args.heads, model_kwargs=model_kwargs,
-        heavy_atoms_only=args.heavy_atoms_only, max_atoms=args.max_atoms, train_limit=args.train_limit,
+        heavy_atoms_only=args.heavy_atoms_only, stereo=args.stereo, max_atoms=args.max_atoms,
+        train_limit=args.train_limit,
         val_limit=args.val_limit, val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
         stop_after=args.stop_after, resume=args.resume, threads=args.threads, progress=not args.no_progress,
     )
+    cfg.validate()
+    if stale and int(os.environ.get("RANK", "0")) == 0:  # --overwrite: only rank 0 deletes (before DDP starts)
+        remove_run_files(stale)
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         val = summary.get("last_val") or {}
@@ -156,10 +219,10 @@ def _add_molecule_args(p, need_checkpoint: bool) -> None:
     src.add_argument("--smiles", nargs="+", default=None, help="one or more SMILES strings")
     src.add_argument("--data", default=None, help="qm9 | qm9-extract | FILE.npz | FILE.sdf")
     g.add_argument("--split", default="test", choices=("train", "valid", "test", "all"), help="split of --data (default test)")
-    g.add_argument("--limit", type=_positive_int, default=None,
+    g.add_argument("--limit", type=positive_int, default=None,
                    help="this many molecules of the split, drawn with --select-seed (default: all)")
-    g.add_argument("--select-seed", type=int, default=0, help="seed of the --limit selection (default 0)")
-    g.add_argument("--max-atoms", type=_positive_int, default=None, help="skip molecules with more atoms")
+    g.add_argument("--select-seed", type=nonnegative_int, default=0, help="seed of the --limit selection (default 0)")
+    g.add_argument("--max-atoms", type=positive_int, default=None, help="skip molecules with more atoms")
     if not need_checkpoint:
         g.add_argument("--heavy-atoms-only", action="store_true", help="molecules without hydrogens")
 
@@ -197,25 +260,31 @@ def _add_sample(sub) -> None:
                                    "write them to an SDF file (and optionally XYZ).")
     p.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt / last.pt)")
     _add_molecule_args(p, need_checkpoint=True)
-    p.add_argument("--n-per-molecule", type=_positive_int, default=1, help="conformers per molecule M (default 1)")
-    p.add_argument("--out", required=True, help="output SDF file")
+    p.add_argument("--n-per-molecule", type=positive_int, default=1, help="conformers per molecule M (default 1)")
+    p.add_argument("--out", required=True, help="output SDF file (never one of the inputs)")
     p.add_argument("--xyz", default=None, help="also write a multi-frame XYZ file")
-    p.add_argument("--steps", type=_positive_int, default=50, help="integration steps (default 50)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out / --xyz files")
+    p.add_argument("--steps", type=positive_int, default=50, help="integration steps (default 50)")
     p.add_argument("--sampler", default="ode", choices=("ode", "sde", "heun", "edm"), help="(default ode)")
     p.add_argument("--geometry", default=None, choices=("quotient", "conventional"),
                    help="sampler geometry (default: the one matching the training loss)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="configurations integrated together (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="configurations integrated together (default 64)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    add_debug_flag(p, subcommand=True)
     p.set_defaults(func=cmd_sample)
 
 
 @_guard
 def cmd_sample(args: argparse.Namespace) -> int:
     """Handler of ``sample``."""
+    require_file("--checkpoint", args.checkpoint)
+    check_outputs({"--checkpoint": args.checkpoint, "--data": _input_path(args.data)},
+                  {"--out": args.out, "--xyz": args.xyz}, overwrite=args.overwrite)
+
     from qmanifold.models.sampling import make_records, sample_conformers, write_sdf, write_xyz
     from qmanifold.models.training import diffusion_from_checkpoint, load_checkpoint, resolve_device
 
@@ -258,18 +327,22 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--reference", default=None,
                    help="reference data (qm9 | qm9-extract | FILE); default: each record's qm_dataset")
     p.add_argument("--plots", default=None, help="directory for PNG plots")
-    p.add_argument("--threshold", type=float, default=0.5, help="coverage threshold in Å (default 0.5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file and --plots PNGs")
+    p.add_argument("--threshold", type=bounded_float(gt=0), default=0.5, help="coverage threshold in Å (default 0.5)")
     p.add_argument("--no-progress", action="store_true")
+    add_debug_flag(p, subcommand=True)
     p.set_defaults(func=cmd_evaluate)
 
 
 @_guard
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``evaluate``."""
+    require_file("--samples", args.samples)
+    check_outputs({"--samples": args.samples, "--reference": _input_path(args.reference)},
+                  {"--json": args.json}, {"--plots": args.plots}, overwrite=args.overwrite)
+
     from qmanifold.models.evaluation import evaluate_samples, plot_evaluation, write_json
 
-    if not args.threshold > 0:
-        raise ValueError(f"--threshold must be positive, got {args.threshold}")
     res = evaluate_samples(args.samples, reference=args.reference, threshold=args.threshold,
                            progress=not args.no_progress, keep_values=bool(args.plots))
     write_json(args.json, res)
@@ -299,17 +372,21 @@ def _add_baseline(sub) -> None:
     p.add_argument("--method", default="etkdg", choices=("etkdg",))
     p.add_argument("--mmff", action="store_true", help="optimise with MMFF94")
     _add_molecule_args(p, need_checkpoint=False)
-    p.add_argument("--n-per-molecule", type=_positive_int, default=1)
-    p.add_argument("--out", required=True, help="output SDF file")
+    p.add_argument("--n-per-molecule", type=positive_int, default=1)
+    p.add_argument("--out", required=True, help="output SDF file (never one of the inputs)")
     p.add_argument("--xyz", default=None, help="also write a multi-frame XYZ file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out / --xyz files")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    add_debug_flag(p, subcommand=True)
     p.set_defaults(func=cmd_baseline)
 
 
 @_guard
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Handler of ``baseline``."""
+    check_outputs({"--data": _input_path(args.data)}, {"--out": args.out, "--xyz": args.xyz}, overwrite=args.overwrite)
+
     from qmanifold.models.baselines import baseline_conformers
     from qmanifold.models.sampling import make_records, write_sdf, write_xyz
 
@@ -346,10 +423,11 @@ def register(subparsers) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: ``python -m qmanifold.models.cli {train,sample,evaluate,baseline} ...``."""
     parser = argparse.ArgumentParser(prog="python -m qmanifold.models.cli", description="qmanifold molecule commands")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run_handler(args.func, args)
 
 
 if __name__ == "__main__":

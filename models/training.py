@@ -28,6 +28,18 @@ checkpoint stores the step, the position in the epoch, the generator states of a
 optimizer and the EMA, so ``--resume`` continues with the very same losses as an uninterrupted run
 (tested, on CPU). The learning-rate schedule is a pure function of the step and ``steps``.
 
+Non-finite losses. The loss is computed with ``check_output=False``
+(:meth:`qmanifold.QuotientDiffusion.loss`), so a denoiser output with NaN/inf (a diverging run) gives
+a non-finite loss instead of an exception. Such an update (non-finite loss or gradient norm) is
+skipped -- no optimizer or EMA step, a warning naming the step, ``"skipped": true`` in the log -- and
+after :data:`MAX_SKIPPED_UPDATES` of them training stops with :class:`TrainingDivergedError`, whose
+message names the step and suggests a lower learning rate. ``last.pt`` is then rewritten with the
+weights of the last finite update (skipped updates never touch the weights); a checkpoint whose
+weights are not all finite is never written. Validation uses the same flag: a diverged model gets
+a NaN validation loss (``null`` in the JSON files), never an exception. Direct calls of ``loss``
+outside training keep the check. JSON files (``log.jsonl``, ``summary.json``) are strict: NaN and
+inf are written as ``null`` (:func:`qmanifold.atomic.strict_json_value`).
+
 Validation is comparable across runs: a fixed subset of the validation split (``val_limit``
 molecules chosen with a fixed seed), a fixed batch size, times ``t_k = frac(k * 0.618...) *
 t_max`` for molecule ``k`` and noise from a generator with a fixed seed. Three numbers are
@@ -49,6 +61,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -64,12 +77,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from qmanifold.atomic import atomic_open, atomic_write_text
+from qmanifold.atomic import atomic_open, atomic_write_json, atomic_write_text, strict_json_value
+from qmanifold.errors import InputError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
+    "TrainingDivergedError",
+    "MAX_SKIPPED_UPDATES",
     "TrainConfig",
     "DistInfo",
     "train",
@@ -104,8 +120,22 @@ RESUMABLE_OVERRIDES = ("steps", "stop_after", "device", "val_every", "ckpt_every
                        "progress", "threads", "resume", "out")
 
 
+#: Training stops (:class:`TrainingDivergedError`) once this many updates were skipped because
+#: their loss or gradient was not finite.
+MAX_SKIPPED_UPDATES = 20
+
+
 class CheckpointError(ValueError):
     """A file is not a (readable, compatible) qmanifold checkpoint."""
+
+
+class TrainingDivergedError(InputError, FloatingPointError):
+    """Training stopped because :data:`MAX_SKIPPED_UPDATES` updates had a non-finite loss or
+    gradient (typically a learning rate that is too high). ``last.pt`` holds the last finite state.
+
+    An :class:`~qmanifold.errors.InputError` (the command line prints ``error: <message>`` and
+    exits with status 2) and, as before, a ``FloatingPointError``.
+    """
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +192,7 @@ class TrainConfig:
     heads: int | None = None
     model_kwargs: dict = field(default_factory=dict)
     heavy_atoms_only: bool = False
+    stereo: bool | None = None
     max_atoms: int | None = None
     train_limit: int | None = None
     val_limit: int = 200
@@ -175,8 +206,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check the values; returns ``self``. Raises ``ValueError`` naming the bad field."""
-        from qmanifold.models.networks import available_denoisers
         from qmanifold.diffusion import LOSSES, PREDICTIONS
+        from qmanifold.models.networks import available_denoisers
 
         if self.model.lower() not in available_denoisers():
             raise ValueError(f"unknown model {self.model!r}; available: {available_denoisers()}")
@@ -191,14 +222,18 @@ class TrainConfig:
         for name in ("warmup",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must lie in [0, 1) (0 = off), got {self.ema}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if not self.grad_clip >= 0:  # also rejects NaN, which would silently turn clipping off
+            raise ValueError(f"grad_clip must be a number >= 0 (0 = off), got {self.grad_clip}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.stop_after is not None and self.stop_after < 1:
@@ -215,10 +250,28 @@ class TrainConfig:
             return self.model.lower() == "transformer"
         return bool(self.augment)
 
+    def resolved_stereo(self) -> bool:
+        """``stereo`` with the default applied (on for stereo-aware models such as ``chiral_egnn``)."""
+        from qmanifold.models.networks import DENOISERS
+
+        if self.stereo is None:
+            return bool(getattr(DENOISERS[self.model.lower()], "stereo_aware", False))
+        return bool(self.stereo)
+
     def model_config(self, num_atom_types: int) -> dict:
-        """Constructor kwargs of the denoiser."""
+        """Constructor kwargs of the denoiser (``num_atom_types`` = number of elements; stereo-aware
+        models take it as ``num_elements`` and build their own stereo-annotated vocabulary)."""
+        from qmanifold.models.networks import DENOISERS
+
         kw = dict(self.model_kwargs)
-        kw["num_atom_types"] = int(num_atom_types)
+        if getattr(DENOISERS[self.model.lower()], "stereo_aware", False):
+            kw["num_elements"] = int(num_atom_types)
+        else:
+            kw["num_atom_types"] = int(num_atom_types) * (3 if self.resolved_stereo() else 1)
+            if self.resolved_stereo():
+                from qmanifold.models.stereo import NUM_STEREO_BOND_TYPES
+
+                kw.setdefault("num_bond_types", NUM_STEREO_BOND_TYPES)
         for name in ("hidden", "layers", "heads"):
             v = getattr(self, name)
             if v is not None:
@@ -447,7 +500,8 @@ def validation_losses(denoiser: nn.Module, batches: Sequence[dict], loss: str, i
     """Validation losses of ``denoiser`` on pre-collated ``batches`` (fixed times and noise).
 
     Returns ``{"val_loss": own objective, "val_quotient": ..., "val_conventional": ...}``
-    (molecule-weighted means). The three use identical times and noise.
+    (molecule-weighted means). The three use identical times and noise. A denoiser whose output is
+    not finite (a diverged run) gets NaN losses rather than an exception (``check_output=False``).
     """
     was_training = denoiser.training
     denoiser.eval()
@@ -466,7 +520,7 @@ def validation_losses(denoiser: nn.Module, batches: Sequence[dict], loss: str, i
             for k, qd in diffs.items():
                 gen.set_state(state)
                 per = qd.loss(b["positions"], b["mask"], t=t, generator=gen, reduction="none",
-                              atom_types=b["atom_types"], bond_types=b["bond_types"])
+                              check_output=False, atom_types=b["atom_types"], bond_types=b["bond_types"])
                 sums[k] += float(per.sum())
             count += bsz
     finally:
@@ -583,7 +637,11 @@ def diffusion_from_checkpoint(ckpt: dict | str | os.PathLike, device: str | torc
 
 
 def read_log(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
-    """Entries of a ``log.jsonl`` (optionally only ``kind`` ``"train"`` or ``"val"``)."""
+    """Entries of a ``log.jsonl`` (optionally only ``kind`` ``"train"`` or ``"val"``).
+
+    Numbers that were not finite (the loss of a skipped update, a diverged validation) are
+    ``None`` (written as ``null``).
+    """
     rows = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
@@ -653,7 +711,10 @@ def train(cfg: TrainConfig) -> dict:
 
     Raises:
         ValueError: bad configuration / data; FileExistsError: ``out`` holds a run and ``resume``
-        is off; CheckpointError: ``resume`` with an unreadable ``last.pt``.
+        is off; CheckpointError: ``resume`` with an unreadable ``last.pt``;
+        TrainingDivergedError: :data:`MAX_SKIPPED_UPDATES` updates had a non-finite loss or
+        gradient (``last.pt`` and ``summary.json``, with ``"stopped_by": "diverged"``, are written
+        first).
     """
     from qmanifold.models.networks import build_denoiser
 
@@ -690,8 +751,15 @@ def train(cfg: TrainConfig) -> dict:
     train_ds = train_ds.subset(select_rows(len(train_ds), cfg.train_limit, seed=0))
     val_ds = dataset_split(ds, "valid")
     val_ds = val_ds.subset(select_rows(len(val_ds), cfg.val_limit, seed=1))
+    stereo = cfg.resolved_stereo()
+    if stereo:  # stereo-annotated atom and bond types, read from each molecule's reference geometry
+        from qmanifold.models.stereo import StereoDataset
+
+        train_ds = StereoDataset(train_ds, progress=cfg.progress and info.is_main)
+        val_ds = StereoDataset(val_ds)
     data_spec = {
         "data": cfg.data, "heavy_atoms_only": bool(cfg.heavy_atoms_only), "max_atoms": cfg.max_atoms,
+        "stereo": stereo,
         "elements": [int(z) for z in ds.elements], "num_train": len(train_ds), "num_val": len(val_ds),
         "source": ds.source,
     }
@@ -741,7 +809,8 @@ def train(cfg: TrainConfig) -> dict:
         _atomic_write_text(os.path.join(out, "config.json"), json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         if ckpt is not None and os.path.exists(log_path):  # drop log lines beyond the checkpoint
             kept = [r for r in read_log(log_path) if r.get("step", 0) <= step]
-            _atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+            _atomic_write_text(log_path, "".join(json.dumps(strict_json_value(r), allow_nan=False) + "\n"
+                                                 for r in kept))
         elif ckpt is None:
             _atomic_write_text(log_path, "")
     # closed in the finally clause at the end of the run
@@ -757,7 +826,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def log(row: dict) -> None:
         if log_fh is not None:
-            log_fh.write(json.dumps(row) + "\n")
+            log_fh.write(json.dumps(strict_json_value(row), allow_nan=False) + "\n")
             log_fh.flush()
 
     t_start = time.time()
@@ -775,10 +844,11 @@ def train(cfg: TrainConfig) -> dict:
         dist.all_gather_object(states, state)
         return states
 
-    def checkpoint(paths: Iterable[str], val: dict | None) -> None:
+    def checkpoint(paths: Iterable[str], val: dict | None) -> bool:
+        """Write ``paths`` (rank 0); returns whether they were written (False elsewhere)."""
         states = gather_generator_states()  # collective: every rank calls
         if not info.is_main:
-            return
+            return False
         payload = {
             "model": {"name": denoiser.name, "config": dict(denoiser.config), "state_dict": denoiser.state_dict()},
             "ema_state_dict": ema_model.state_dict() if ema_model is not None else None,
@@ -793,8 +863,13 @@ def train(cfg: TrainConfig) -> dict:
             "versions": {"torch": str(torch.__version__), "qmanifold": _qmanifold_version()},
             "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if not _all_finite(denoiser, ema_model):
+            warnings.warn(f"the weights are not finite at step {step}; {', '.join(paths)} not written (the "
+                          f"previous file, if any, keeps the last finite state)", stacklevel=2)
+            return False
         for p in paths:
             save_checkpoint(p, payload)
+        return True
 
     def run_validation() -> dict | None:
         nonlocal best_val
@@ -818,6 +893,8 @@ def train(cfg: TrainConfig) -> dict:
     last_loss = float("nan")
     last_val: dict | None = ckpt.get("last_val") if ckpt is not None else None
     skipped = 0
+    last_skipped = None
+    diverged_message = ""
     stopped_by = None
     denoiser.train()
     try:
@@ -842,8 +919,9 @@ def train(cfg: TrainConfig) -> dict:
                 lr = learning_rate(step, cfg.lr, cfg.steps, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss = module(b["positions"], b["mask"], generator=gen, atom_types=b["atom_types"],
-                              bond_types=b["bond_types"])
+                # check_output=False: a non-finite output gives a non-finite loss, skipped below
+                loss = module(b["positions"], b["mask"], generator=gen, check_output=False,
+                              atom_types=b["atom_types"], bond_types=b["bond_types"])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 params = [p for p in denoiser.parameters() if p.grad is not None]
@@ -856,11 +934,10 @@ def train(cfg: TrainConfig) -> dict:
                         _ema_update(ema_model, denoiser, min(cfg.ema, (1.0 + step) / (10.0 + step)))
                 else:
                     skipped += 1
+                    last_skipped = step + 1
                     if info.is_main:
-                        warnings.warn(f"non-finite loss or gradient at step {step + 1}; update skipped", stacklevel=2)
-                    if skipped > 20:
-                        raise FloatingPointError("more than 20 updates had non-finite losses or gradients; "
-                                                 "lower --lr or check the data")
+                        warnings.warn(f"non-finite loss or gradient at step {step + 1}; update skipped "
+                                      f"({skipped} of at most {MAX_SKIPPED_UPDATES})", stacklevel=2)
                 step += 1
                 loss_value = loss.detach()
                 if info.active:
@@ -891,7 +968,20 @@ def train(cfg: TrainConfig) -> dict:
                 paths = ([best_path] if improved else []) + ([last_path] if want_last else [])
                 if paths:
                     checkpoint(paths, last_val)
-        if stopped_by is not None:
+                if skipped >= MAX_SKIPPED_UPDATES:  # `ok` agrees on all ranks (gradients are all-reduced)
+                    stopped_by = "diverged"
+                    break
+        if stopped_by == "diverged":
+            written = checkpoint([last_path], last_val)  # skipped updates left the weights as they were
+            if info.is_main:
+                kept = (f"{last_path} holds the weights of the last finite update" if written else
+                        f"the weights are not finite, so {last_path} was not rewritten")
+                diverged_message = (
+                    f"training diverged at step {last_skipped}: {skipped} updates had a non-finite loss or "
+                    f"gradient (the limit is {MAX_SKIPPED_UPDATES}) and were skipped; {kept}. Lower the "
+                    f"learning rate (--lr, now {cfg.lr:g}) and start a new run in another --out, or check "
+                    f"the data")
+        elif stopped_by is not None:
             checkpoint([last_path], last_val)
             if info.is_main:
                 print(f"\n[qmanifold] {stopped_by}: stopped at step {step}; {last_path} written, continue with --resume")
@@ -915,12 +1005,21 @@ def train(cfg: TrainConfig) -> dict:
         "num_train": len(train_ds), "num_val": len(val_ds),
     }
     if info.is_main:
-        _atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(os.path.join(out, "summary.json"), summary)  # strict JSON: NaN -> null
     if info.active:
         import torch.distributed as dist
 
         dist.barrier()
+    if stopped_by == "diverged":
+        raise TrainingDivergedError(diverged_message or f"training diverged at step {step} (see rank 0)")
     return summary
+
+
+def _all_finite(*models: nn.Module | None) -> bool:
+    """Whether every parameter and floating buffer of ``models`` is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for m in models if m is not None
+             for t in itertools.chain(m.parameters(), m.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _ranks_agree(model: nn.Module) -> bool:

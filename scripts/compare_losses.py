@@ -42,6 +42,11 @@ def _read_json(path: str):
         return json.load(fh)
 
 
+def _number(value) -> float:
+    """A JSON number, with null (a missing or non-finite value) as NaN."""
+    return float("nan") if value is None else float(value)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/compare")
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
                 jobs2.append((py + ["sample", "--checkpoint", os.path.join(run, "best.pt")] + mol_args +
                               ["--n-per-molecule", str(args.n_per_molecule), "--out", sdf, "--steps",
                                str(args.sample_steps), "--sampler", args.sampler, "--seed", str(seed), "--device",
-                               args.device, "--threads", str(args.threads), "--no-progress"],
+                               args.device, "--threads", str(args.threads), "--no-progress", "--overwrite"],
                               os.path.join(run, "sample.log")))
         if not args.no_etkdg:
             run = os.path.join(out, f"etkdg_mmff_seed{seed}")
@@ -170,7 +175,7 @@ def main(argv=None) -> int:
             if args.force or not os.path.exists(sdf):
                 jobs2.append((py + ["baseline", "--method", "etkdg", "--mmff"] + mol_args + heavy +
                               ["--n-per-molecule", str(args.n_per_molecule), "--out", sdf, "--seed", str(seed),
-                               "--no-progress"], os.path.join(run, "baseline.log")))
+                               "--no-progress", "--overwrite"], os.path.join(run, "baseline.log")))
     t0 = time.time()
     runner.run_all(jobs2, args.jobs)
     jobs3 = []
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
             ej = os.path.join(run, "eval.json")
             if args.force or not os.path.exists(ej):
                 jobs3.append((py + ["evaluate", "--samples", sdf, "--json", ej, "--threshold", str(args.threshold),
-                                    "--plots", os.path.join(run, "plots"), "--no-progress"],
+                                    "--plots", os.path.join(run, "plots"), "--no-progress", "--overwrite"],
                               os.path.join(run, "evaluate.log")))
     runner.run_all(jobs3, args.jobs)
     eval_wall = time.time() - t0
@@ -192,10 +197,12 @@ def main(argv=None) -> int:
     train_info = {}
     for loss in args.losses:
         sums = [_read_json(os.path.join(out, f"{loss}_seed{s}", "summary.json")) for s in args.seeds]
+        # summary.json is strict JSON: a run without validation has "last_val": null and a
+        # non-finite loss is null; both read as NaN here
         train_info[loss] = {
             "wall_time_s": [s["wall_time_s"] for s in sums],
-            "val_quotient": [s["last_val"]["val_quotient"] for s in sums],
-            "val_conventional": [s["last_val"]["val_conventional"] for s in sums],
+            "val_quotient": [_number((s.get("last_val") or {}).get("val_quotient")) for s in sums],
+            "val_conventional": [_number((s.get("last_val") or {}).get("val_conventional")) for s in sums],
             "parameters": sums[0]["parameters"],
         }
     per_run_train_s = sum(sum(v["wall_time_s"]) for v in train_info.values())
@@ -208,8 +215,9 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.python_version()}",
         "device": args.device,
     }
-    with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump({"table": table, "training": train_info, "meta": meta}, fh, indent=2)
+    from qmanifold.atomic import atomic_write_json
+
+    atomic_write_json(os.path.join(out, "results.json"), {"table": table, "training": train_info, "meta": meta})
 
     def fmt(row, key, scale=1.0, digits=3):
         if key not in row:
@@ -225,8 +233,10 @@ def main(argv=None) -> int:
         if method in train_info:
             import numpy as np
 
-            v = np.asarray(train_info[method]["val_quotient"])
-            vq = f"{v.mean():.3f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.3f}"
+            v = np.asarray(train_info[method]["val_quotient"], dtype=float)
+            v = v[np.isfinite(v)]
+            if v.size:
+                vq = f"{v.mean():.3f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.3f}"
         lines.append(f"| {method} | {fmt(row, 'COV-R', 100, 1)} | {fmt(row, 'AMR-R')} | {fmt(row, 'COV-P', 100, 1)} | "
                      f"{fmt(row, 'AMR-P')} | {fmt(row, 'connectivity_match', 100, 1)} | {fmt(row, 'bond_length_w1', 1, 4)} | "
                      f"{fmt(row, 'bond_angle_w1', 1, 2)} | {vq} | {row['seeds']} |")

@@ -319,7 +319,7 @@ def test_cli_end_to_end(tmp_path, capsys):
                  "--out", str(smi), "--steps", "3", "--no-progress"]) == 0
     assert len([m for m in Chem.SDMolSupplier(str(smi), removeHs=False)]) == 4
     assert main(["sample", "--checkpoint", ckpt, "--smiles", "CO", "--geometry", "conventional", "--out",
-                 str(smi), "--steps", "2", "--no-progress"]) == 0
+                 str(smi), "--steps", "2", "--no-progress", "--overwrite"]) == 0
     assert {m.GetProp("qm_geometry") for m in Chem.SDMolSupplier(str(smi), removeHs=False)} == {"conventional"}
     base = tmp_path / "etkdg.sdf"
     assert main(["baseline", "--method", "etkdg", "--data", "qm9-extract", "--split", "test", "--limit", "2",
