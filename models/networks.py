@@ -19,15 +19,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from qmanifold.models.chiral_egnn import ChiralEGNNDenoiser
 from qmanifold.models.egnn import EGNNDenoiser
 from qmanifold.models.embeddings import DenoiserBase
 from qmanifold.models.transformer import TransformerDenoiser
 
-__all__ = ["DENOISERS", "available_denoisers", "build_denoiser", "EGNNDenoiser", "TransformerDenoiser"]
+__all__ = ["DENOISERS", "available_denoisers", "build_denoiser", "EGNNDenoiser", "ChiralEGNNDenoiser",
+           "TransformerDenoiser"]
 
 #: name -> denoiser class
 DENOISERS: dict[str, type[DenoiserBase]] = {
     EGNNDenoiser.name: EGNNDenoiser,
+    ChiralEGNNDenoiser.name: ChiralEGNNDenoiser,
     TransformerDenoiser.name: TransformerDenoiser,
 }
 

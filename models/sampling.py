@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from qmanifold.atomic import atomic_write_text as _atomic_write_text
+from qmanifold.errors import InputError
 
 __all__ = [
     "MoleculeInputError",
@@ -63,8 +64,9 @@ __all__ = [
 _BOND_NAMES = {1: "SINGLE", 2: "DOUBLE", 3: "TRIPLE", 4: "AROMATIC"}
 
 
-class MoleculeInputError(ValueError):
-    """A molecule given by the user cannot be used (the message says why)."""
+class MoleculeInputError(InputError):
+    """A molecule given by the user cannot be used (the message says why); an
+    :class:`~qmanifold.errors.InputError`, hence a ``ValueError``."""
 
 
 @dataclass
@@ -81,6 +83,9 @@ class MolGraph:
         dataset: dataset spec ("" for SMILES input).
         positions: ``(N, 3)`` reference coordinates in Å, or None.
         heavy_atoms_only: the graph has no hydrogens (they are implicit).
+        stereo: the requested stereo labels (:class:`~qmanifold.models.stereo.StereoLabels`), or None
+            when nothing is specified. Filled by :func:`graph_from_smiles` from the SMILES and, for
+            dataset molecules, by :func:`graph_stereo` from the reference geometry.
     """
 
     atomic_numbers: np.ndarray
@@ -92,6 +97,7 @@ class MolGraph:
     dataset: str = ""
     positions: np.ndarray | None = None
     heavy_atoms_only: bool = False
+    stereo: Any = field(default=None, repr=False, compare=False)
     _template: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -177,10 +183,32 @@ def graph_from_smiles(smiles: str, elements: Sequence[int], heavy_atoms_only: bo
             raise MoleculeInputError(f"SMILES {smiles!r} has an unsupported bond type {b.GetBondType()}")
         i, j = b.GetBeginAtomIdx(), b.GetEndAtomIdx()
         bonds[i, j] = bonds[j, i] = code
+    from qmanifold.models.stereo import smiles_stereo_labels
+
+    try:
+        labels = smiles_stereo_labels(mol, n, bonds)
+    except ValueError as exc:
+        raise MoleculeInputError(f"SMILES {smiles!r}: {exc}") from None
     g = MolGraph(atomic_numbers=z, atom_types=np.array([lookup[int(v)] for v in z], dtype=np.int64),
                  bond_types=bonds, source=f"smiles:{smiles}", index=-1, smiles=smiles, dataset="",
-                 positions=None, heavy_atoms_only=bool(heavy_atoms_only))
+                 positions=None, heavy_atoms_only=bool(heavy_atoms_only), stereo=labels)
     return g
+
+
+def graph_stereo(graph: MolGraph):
+    """The stereo labels a conformer of ``graph`` must reproduce (None: nothing specified).
+
+    SMILES graphs carry the stereo written in the SMILES. Dataset graphs take every potential
+    stereo element of their reference geometry, as in training (:mod:`qmanifold.models.stereo`);
+    the result is cached on the graph.
+    """
+    from qmanifold.models.stereo import potential_stereo, stereo_labels
+
+    if graph.stereo is None and graph.positions is not None:
+        elements = potential_stereo(graph.atomic_numbers, graph.bond_types, graph.heavy_atoms_only)
+        labels = stereo_labels(graph.positions, graph.bond_types, elements)
+        graph.stereo = labels if labels.num_labelled else None
+    return graph.stereo
 
 
 def graphs_from_dataset(ds, spec: str, rows: Iterable[int] | None = None) -> list[MolGraph]:
@@ -343,7 +371,11 @@ def mol_with_coordinates(graph: MolGraph, positions: np.ndarray, name: str = "",
 # ----------------------------------------------------------------------------------------------
 
 
-def _collate_graphs(graphs: Sequence[MolGraph], device, dtype) -> dict:
+def _collate_graphs(graphs: Sequence[MolGraph], device, dtype, stereo_elements: int | None = None) -> dict:
+    """Padded model inputs; with ``stereo_elements = E`` the stereo-annotated types of
+    :func:`qmanifold.models.stereo.encode_stereo` (labels from :func:`graph_stereo`)."""
+    from qmanifold.models.stereo import encode_stereo
+
     n_max = max(g.num_atoms for g in graphs)
     b = len(graphs)
     mask = torch.zeros(b, n_max, dtype=torch.bool)
@@ -352,14 +384,19 @@ def _collate_graphs(graphs: Sequence[MolGraph], device, dtype) -> dict:
     for k, g in enumerate(graphs):
         n = g.num_atoms
         mask[k, :n] = True
-        types[k, :n] = torch.from_numpy(np.asarray(g.atom_types, dtype=np.int64))
-        bonds[k, :n, :n] = torch.from_numpy(np.asarray(g.bond_types, dtype=np.int64))
+        atom_types, bond_types = np.asarray(g.atom_types, dtype=np.int64), np.asarray(g.bond_types, dtype=np.int64)
+        labels = graph_stereo(g) if stereo_elements is not None else None
+        if labels is not None:
+            atom_types, bond_types = encode_stereo(atom_types, bond_types, labels, stereo_elements)
+        types[k, :n] = torch.from_numpy(atom_types)
+        bonds[k, :n, :n] = torch.from_numpy(bond_types)
     return {"mask": mask.to(device), "atom_types": types.to(device), "bond_types": bonds.to(device)}
 
 
 def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, steps: int = 50,
                       sampler: str = "ode", seed: int = 0, batch_size: int = 64,
                       device: str | torch.device | None = None, progress: bool = True,
+                      stereo: bool | None = None, num_elements: int | None = None,
                       **sample_kwargs: Any) -> list[np.ndarray]:
     """``n_per_molecule`` conformers for each graph.
 
@@ -372,6 +409,8 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
         seed: seed of the sampling generator (same seed and batch size, same conformers).
         batch_size: configurations integrated together (molecules of similar size are grouped).
         device: default: the model's device.
+        stereo: feed stereo-annotated types (:mod:`qmanifold.models.stereo`); default: whether the
+            denoiser is stereo-aware (``chiral_egnn``). ``num_elements`` = the model's element count.
         **sample_kwargs: more options for ``qd.sample`` (``eta``, ``time_grid``, ``churn``).
 
     Returns:
@@ -389,6 +428,12 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
     dtype = params[0].dtype if params else torch.float32
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
     n_types = getattr(qd.denoiser, "num_atom_types", None)
+    if stereo is None:
+        stereo = bool(getattr(qd.denoiser, "stereo_aware", False))
+    stereo_elements = None
+    if stereo:
+        stereo_elements = int(num_elements or getattr(qd.denoiser, "num_elements", 0) or (n_types or 0) // 3)
+        n_types = stereo_elements
     for g in graphs:
         if n_types is not None and g.num_atoms and int(np.max(g.atom_types)) >= n_types:
             raise MoleculeInputError(f"{g.source}: atom type {int(np.max(g.atom_types))} is outside the model's "
@@ -405,7 +450,7 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
         bar = tqdm(total=len(jobs), desc=f"sampling ({sampler}, {steps} steps)", unit="conf", dynamic_ncols=True)
     try:
         for chunk in chunks:
-            batch = _collate_graphs([graphs[gi] for gi, _ in chunk], device, dtype)
+            batch = _collate_graphs([graphs[gi] for gi, _ in chunk], device, dtype, stereo_elements)
             x = qd.sample(mask=batch["mask"], steps=steps, sampler=sampler, generator=gen, device=device,
                           dtype=dtype, atom_types=batch["atom_types"], bond_types=batch["bond_types"],
                           **sample_kwargs)
@@ -443,9 +488,40 @@ def make_records(graphs: Sequence[MolGraph], conformers: Sequence[np.ndarray],
         for k in range(confs.shape[0]):
             p = {"qm_source": g.source, "qm_dataset": g.dataset, "qm_index": int(g.index), "qm_smiles": g.smiles,
                  "qm_sample": k, "qm_heavy_atoms_only": int(g.heavy_atoms_only)}
+            p.update(stereo_properties(g, confs[k]))
             p.update(props or {})
             records.append({"graph": g, "positions": confs[k], "sample": k, "props": p})
     return records
+
+
+def stereo_properties(graph: MolGraph, positions: np.ndarray) -> dict:
+    """SDF properties naming the stereoisomer of a conformer.
+
+    ``qm_stereo_smiles``: the isomeric SMILES with the stereo perceived from the coordinates (RDKit
+    ``AssignStereochemistryFrom3D``), so a conformer of a molecule with unspecified centres says which
+    stereoisomer it is; ``qm_stereo_requested`` / ``qm_stereo_ok``: how many stereo labels were
+    requested (SMILES stereo; for dataset molecules the reference's) and how many the conformer has.
+    """
+    from qmanifold.models.stereo import stereo_agreement
+
+    Chem, RDLogger = _rdkit()
+    out: dict[str, Any] = {}
+    try:
+        mol = mol_with_coordinates(graph, positions)
+        RDLogger.DisableLog("rdApp.*")
+        try:
+            Chem.AssignStereochemistryFrom3D(mol)
+            out["qm_stereo_smiles"] = Chem.MolToSmiles(Chem.RemoveHs(mol, sanitize=False))
+        finally:
+            RDLogger.EnableLog("rdApp.*")
+    except Exception:  # noqa: BLE001 - an unsanitisable graph has no stereo SMILES; the record is still written
+        out["qm_stereo_smiles"] = ""
+    labels = graph.stereo
+    if labels is not None:
+        ok, total = stereo_agreement(positions, graph.bond_types, labels)
+        out["qm_stereo_requested"] = total
+        out["qm_stereo_ok"] = ok
+    return out
 
 
 def _clean_value(v: Any) -> str:
