@@ -38,8 +38,7 @@ import time
 
 import torch
 
-from qmanifold import groups
-from qmanifold import Quotient, QuotientDiffusion
+from qmanifold import Quotient, QuotientDiffusion, groups
 from qmanifold.bench import (
     build_denoiser,
     format_paired,

@@ -48,8 +48,7 @@ def _self_time(event, cuda: bool) -> float:
 
 
 def profile_losses(device: torch.device, *, quick: bool, steps: int, batch: int, top: int = 12) -> dict:
-    from qmanifold import groups
-    from qmanifold import Quotient
+    from qmanifold import Quotient, groups
 
     dtype = torch.float32
     data = make_batch(batch, 29, device=device, dtype=dtype)

@@ -330,6 +330,7 @@ def _sizes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
 def run(args) -> list[dict]:
     """Run the comparisons selected by ``args`` (see :func:`register`); returns the records."""
     from qmanifold import groups
+
     from . import so3
     from .diffusion import QuotientDiffusion
     from .kernels import FusedGeometry, status

@@ -12,8 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmanifold import groups
-from qmanifold import Lattice, LieGroup, Permutations, ProductGroup, Quotient, haar_special_orthogonal
+from qmanifold import Lattice, LieGroup, Permutations, ProductGroup, Quotient, groups, haar_special_orthogonal
 from qmanifold.masking import center
 
 # ----------------------------------------------------------------------------------------------

@@ -265,8 +265,7 @@ def test_all_parameters_receive_gradients(name):
 def test_training_step_and_sampling_have_no_host_sync(name):
     """On ``meta`` tensors (shapes, no data) anything that reads a value on the host raises: the
     molecular denoisers, the quotient loss and the samplers never synchronise with the device."""
-    from qmanifold import groups
-    from qmanifold import Quotient, QuotientDiffusion
+    from qmanifold import Quotient, QuotientDiffusion, groups
 
     model = build_denoiser(name).to("meta")
     x, _, atoms, bonds = make_batch(dtype=torch.float32)

@@ -23,8 +23,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from qmanifold import groups
-from qmanifold import GeneralInterpolant, HarmonicPrior, Quotient, QuotientDiffusion, make_interpolant
+from qmanifold import GeneralInterpolant, HarmonicPrior, Quotient, QuotientDiffusion, groups, make_interpolant
 from qmanifold.masking import apply_mask, center
 from qmanifold.verify.targets import make_target
 

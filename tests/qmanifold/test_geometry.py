@@ -15,8 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmanifold import groups
-from qmanifold import LieGroup, Quotient
+from qmanifold import LieGroup, Quotient, groups
 from qmanifold import geometry as G
 from qmanifold.masking import center
 

@@ -26,9 +26,8 @@ import sympy
 import torch
 import torch.utils._python_dispatch
 
-from qmanifold import groups
 import qmanifold.kernels as K
-from qmanifold import SDE, LieGroup, Quotient, integrate
+from qmanifold import SDE, LieGroup, Quotient, groups, integrate
 from qmanifold.kernels import FusedGeometry
 
 HAS_CUDA = torch.cuda.is_available()

@@ -14,9 +14,8 @@ import pytest
 import sympy
 import torch
 
-from qmanifold import groups
 import qmanifold.kernels as K
-from qmanifold import LieGroup
+from qmanifold import LieGroup, groups
 from qmanifold.cli import main as cli_main
 from qmanifold.kernels import FusedGeometry
 

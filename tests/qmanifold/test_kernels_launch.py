@@ -24,8 +24,8 @@ import sys
 import pytest
 import torch
 
-from qmanifold import groups
 import qmanifold.kernels as K
+from qmanifold import groups
 from qmanifold.kernels import FusedGeometry
 
 pytestmark = [

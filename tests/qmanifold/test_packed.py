@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qmanifold import groups
 import qmanifold.kernels as K
-from qmanifold import Quotient
+from qmanifold import Quotient, groups
 from qmanifold import packed as P
 from qmanifold.kernels import FusedGeometry
 

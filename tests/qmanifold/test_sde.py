@@ -23,8 +23,7 @@ import sympy
 import torch
 from scipy import stats
 
-from qmanifold import groups
-from qmanifold import SDE, ProjectedSDE, Quotient, integrate
+from qmanifold import SDE, ProjectedSDE, Quotient, groups, integrate
 from qmanifold.sde import X, time_grid
 
 F64 = torch.float64
