@@ -368,7 +368,7 @@ def load_molecules(spec: str, heavy_atoms_only: bool = False, max_atoms: int | N
     from qmanifold.models.data import load_dataset
 
     kwargs: dict[str, Any] = {}
-    if str(spec).strip().lower() == "qm9":
+    if str(spec).strip().lower() in ("qm9", "qm9-edm", "qm9_edm"):
         kwargs["progress"] = progress
     ds = load_dataset(spec, **kwargs)
     if heavy_atoms_only and not ds.heavy_atoms_only:

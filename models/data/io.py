@@ -463,13 +463,14 @@ def load_sdf(
 # Dispatcher
 # ----------------------------------------------------------------------------------------------
 
-_DATASET_SPECS = ("qm9", "qm9-extract", "<path>.npz", "<path>.sdf")
+_DATASET_SPECS = ("qm9", "qm9-edm", "qm9-extract", "<path>.npz", "<path>.sdf")
 
 
 def load_dataset(spec: str | os.PathLike, **kwargs: Any) -> MoleculeDataset:
     """Load a dataset from a short spec.
 
     * ``"qm9"`` -> :func:`qmanifold.models.data.qm9.load_qm9` (full QM9, cached);
+    * ``"qm9-edm"`` -> :func:`qmanifold.models.data.qm9.load_qm9_edm` (full QM9, EDM split);
     * ``"qm9-extract"`` -> :func:`qmanifold.models.data.qm9.load_qm9_extract` (committed, pure numpy);
     * a path ending in ``.npz`` -> a qmanifold dataset file written by
       :meth:`MoleculeDataset.save` if it has that layout, else :func:`load_npz_ensemble`;
@@ -490,6 +491,10 @@ def load_dataset(spec: str | os.PathLike, **kwargs: Any) -> MoleculeDataset:
         from .qm9 import load_qm9
 
         return load_qm9(**kwargs)
+    if key in ("qm9-edm", "qm9_edm"):
+        from .qm9 import load_qm9_edm
+
+        return load_qm9_edm(**kwargs)
     if key in ("qm9-extract", "qm9_extract"):
         from .qm9 import load_qm9_extract
 

@@ -206,12 +206,18 @@ def standard_split(
     indices: Sequence[int] | np.ndarray,
     seed: int = 0,
     sizes: Sequence[int] = QM9_SPLIT_SIZES,
+    scheme: str = "standard",
 ) -> dict[str, np.ndarray]:
     """The standard QM9 train/valid/test split of a list of molecule ids.
 
     The ids are sorted, ``perm = numpy.random.default_rng(seed).permutation(n)`` is drawn and
     ``sorted_ids[perm[:sizes[0]]]`` is train, the next ``sizes[1]`` valid, the last ``sizes[2]``
     test.
+
+    ``scheme="edm"`` draws the permutation with NumPy's legacy generator instead
+    (``numpy.random.seed(seed); numpy.random.permutation(n)``), which is the split of EDM (Hoogeboom et
+    al. 2022) and of the conformer benchmarks that follow it: train = positions 0..99,999,
+    valid = the next 17,748, test = positions 117,748 onwards.
 
     Args:
         indices: ``(n,)`` distinct integer ids (all rows of the source, failed ones included).
@@ -235,7 +241,12 @@ def standard_split(
     if sum(sizes) != sorted_ids.size:
         raise ValueError(f"split sizes {sizes} sum to {sum(sizes)} but there are {sorted_ids.size} ids; "
                          f"the standard split needs all {QM9_SIZE} QM9 ids")
-    perm = np.random.default_rng(seed).permutation(sorted_ids.size)
+    if scheme == "standard":
+        perm = np.random.default_rng(seed).permutation(sorted_ids.size)
+    elif scheme == "edm":
+        perm = np.random.RandomState(seed).permutation(sorted_ids.size)
+    else:
+        raise ValueError(f"unknown split scheme {scheme!r}; use 'standard' or 'edm'")
     a, b = sizes[0], sizes[0] + sizes[1]
     return {"train": sorted_ids[perm[:a]], "valid": sorted_ids[perm[a:b]], "test": sorted_ids[perm[b:]]}
 
@@ -245,6 +256,7 @@ def split_labels_for(
     universe: np.ndarray,
     seed: int = 0,
     sizes: Sequence[int] = QM9_SPLIT_SIZES,
+    scheme: str = "standard",
 ) -> np.ndarray:
     """Split labels (0 train, 1 valid, 2 test) of ``dataset_indices`` under :func:`standard_split`.
 
@@ -255,7 +267,7 @@ def split_labels_for(
     Raises:
         ValueError: an id of ``dataset_indices`` is not in ``universe``.
     """
-    parts = standard_split(universe, seed=seed, sizes=sizes)
+    parts = standard_split(universe, seed=seed, sizes=sizes, scheme=scheme)
     ids = np.asarray(dataset_indices, dtype=np.int64)
     labels = np.full(ids.shape, -1, dtype=np.int8)
     for k, name in enumerate(SPLIT_NAMES):
@@ -782,6 +794,18 @@ def load_qm9(
     if heavy_atoms_only:
         ds = ds.without_hydrogens()
     return ds
+
+
+def load_qm9_edm(**kwargs) -> MoleculeDataset:
+    """Full QM9 (:func:`load_qm9`, same cache) with the EDM split (``standard_split(scheme="edm")``).
+
+    This is the split of the conformer benchmark (``qmanifold benchmark conformers``): a model
+    evaluated on its test molecules must be trained on its train split (``--data qm9-edm``).
+    """
+    ds = load_qm9(**kwargs)
+    labels = split_labels_for(ds.indices, scan_qm9_indices(), scheme="edm")
+    meta = dict(ds.metadata, split="edm")
+    return ds._derived(split_labels=labels, metadata=meta, source=f"{ds.source} (EDM split)")
 
 
 def load_qm9_extract(
