@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from qmanifold import groups as _groups
+
 from ..atomic import atomic_write_json
 from ..diffusion import QuotientDiffusion
 from ..lie import LieGroup

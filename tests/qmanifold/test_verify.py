@@ -9,8 +9,7 @@ import pytest
 import sympy
 import torch
 
-from qmanifold import groups
-from qmanifold import LieGroup, Quotient
+from qmanifold import LieGroup, Quotient, groups
 from qmanifold.cli import main
 from qmanifold.verify.runner import (
     QUICK_CONFIG,
