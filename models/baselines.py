@@ -53,9 +53,42 @@ def _embed(mol, k: int, seed: int, random_coords: bool, mmff: bool, max_iters: i
     return [np.asarray(m.GetConformer(i).GetPositions(), dtype=np.float64) for i in ids]
 
 
-def etkdg_conformers(graph: MolGraph, n: int, seed: int = 0, mmff: bool = False, max_iters: int = 500
-                     ) -> tuple[np.ndarray, dict]:
+def _stereo_from_reference(graph: MolGraph, mol):
+    """A copy of ``mol`` (the template, before hydrogens are added) with its stereo assigned from
+    ``graph.positions`` by RDKit ``AssignStereochemistryFrom3D`` (chiral tags and E/Z), or None
+    when the graph has no reference geometry or RDKit cannot perceive it."""
+    from rdkit import Chem
+    from rdkit.Geometry import Point3D
+
+    if graph.positions is None:
+        return None
+    pos = np.asarray(graph.positions, dtype=np.float64)
+    if pos.shape != (graph.num_atoms, 3) or not np.all(np.isfinite(pos)):
+        return None
+    m = Chem.Mol(mol)
+    m.RemoveAllConformers()
+    conf = Chem.Conformer(graph.num_atoms)
+    for k in range(graph.num_atoms):
+        conf.SetAtomPosition(k, Point3D(*map(float, pos[k])))
+    conf.Set3D(True)
+    cid = m.AddConformer(conf, assignId=True)
+    try:
+        Chem.AssignStereochemistryFrom3D(m, confId=cid, replaceExistingTags=True)
+    except Exception:  # noqa: BLE001 - RDKit's perception errors have no common base
+        return None
+    m.RemoveAllConformers()
+    return m
+
+
+def etkdg_conformers(graph: MolGraph, n: int, seed: int = 0, mmff: bool = False, max_iters: int = 500,
+                     stereo_from_reference: bool = False) -> tuple[np.ndarray, dict]:
     """``n`` ETKDG conformers of ``graph`` (``(n, N, 3)`` Å, graph atom order) and statistics.
+
+    With ``stereo_from_reference`` the molecule's stereocentres and stereo double bonds are first
+    assigned from the reference geometry ``graph.positions`` (RDKit ``AssignStereochemistryFrom3D``),
+    so that ETKDG embeds the same stereoisomer as the reference (the one a stereo-aware model is asked
+    for); a graph without a usable reference geometry is embedded unassigned and counted in
+    ``stereo_from_reference_failed``.
 
     Fallbacks, in order, when ETKDG returns fewer than ``n`` conformers (counted in the stats):
     explicit stereoisomers of the unassigned stereocentres in a seeded random order
@@ -71,9 +104,13 @@ def etkdg_conformers(graph: MolGraph, n: int, seed: int = 0, mmff: bool = False,
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     base = template_mol(graph)
-    mol = Chem.AddHs(base) if graph.heavy_atoms_only else Chem.Mol(base)
     stats = {"random_coords": 0, "stereo_enumerated": 0, "duplicated": 0, "mmff_missing_params": 0,
              "mmff_not_converged": 0}
+    if stereo_from_reference:
+        assigned = _stereo_from_reference(graph, base)
+        stats["stereo_from_reference_failed"] = int(assigned is None)
+        base = base if assigned is None else assigned
+    mol = Chem.AddHs(base) if graph.heavy_atoms_only else Chem.Mol(base)
     RDLogger.DisableLog("rdApp.*")
     try:
         confs = _embed(mol, n, seed, False, mmff, max_iters, stats)
@@ -109,8 +146,12 @@ def etkdg_conformers(graph: MolGraph, n: int, seed: int = 0, mmff: bool = False,
 
 
 def baseline_conformers(graphs: Sequence[MolGraph], n_per_molecule: int, method: str = "etkdg", mmff: bool = False,
-                        seed: int = 0, progress: bool = True) -> tuple[list[np.ndarray], dict]:
-    """Baseline conformers for each graph (``(M, N_i, 3)`` arrays, Å) and summed statistics."""
+                        seed: int = 0, progress: bool = True, stereo_from_reference: bool = False
+                        ) -> tuple[list[np.ndarray], dict]:
+    """Baseline conformers for each graph (``(M, N_i, 3)`` arrays, Å) and summed statistics.
+
+    ``stereo_from_reference``: assign each molecule's stereo from its reference geometry before
+    embedding (see :func:`etkdg_conformers`)."""
     if method not in METHODS:
         raise ValueError(f"unknown baseline method {method!r}; choose one of {list(METHODS)}")
     out = []
@@ -121,7 +162,8 @@ def baseline_conformers(graphs: Sequence[MolGraph], n_per_molecule: int, method:
 
         it = tqdm(graphs, desc=f"{method}{'+mmff' if mmff else ''}", unit="mol", dynamic_ncols=True)
     for i, g in enumerate(it):
-        confs, stats = etkdg_conformers(g, n_per_molecule, seed=seed + i, mmff=mmff)
+        confs, stats = etkdg_conformers(g, n_per_molecule, seed=seed + i, mmff=mmff,
+                                        stereo_from_reference=stereo_from_reference)
         out.append(confs)
         for k, v in stats.items():
             total[k] = total.get(k, 0) + v

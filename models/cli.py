@@ -44,7 +44,8 @@ from qmanifold._clitools import (
 )
 from qmanifold.errors import InputError
 
-__all__ = ["register", "main", "cmd_train", "cmd_sample", "cmd_evaluate", "cmd_baseline"]
+__all__ = ["register", "main", "cmd_train", "cmd_sample", "cmd_evaluate", "cmd_baseline",
+           "cmd_benchmark_conformers"]
 
 
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -405,6 +406,63 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# benchmark conformers
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="benchmarks of trained models (conformers: model vs RDKit ETKDG)",
+                       description="Benchmarks of trained models against classical baselines.")
+    bsub = p.add_subparsers(dest="benchmark", required=True)
+    c = bsub.add_parser("conformers", help="a checkpoint vs ETKDG / ETKDG+MMFF on the same molecules",
+                        description="Sample conformers with a checkpoint and with RDKit ETKDGv3 (with and without "
+                                    "MMFF94, stereo assigned from the reference geometry) for the same molecules and "
+                                    "print one Markdown table: COV-R/AMR-R/COV-P/AMR-P at 0.25/0.5/1.0 Å (failures "
+                                    "count as misses), stereo correctness, bond-length/angle W1, time per molecule.")
+    c.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt / last.pt)")
+    c.add_argument("--data", default="qm9-edm", help="qm9-edm | qm9 | qm9-extract | FILE (default qm9-edm)")
+    c.add_argument("--split", default="test", choices=("train", "valid", "test", "all"), help="(default test)")
+    c.add_argument("--limit", type=positive_int, default=1000,
+                   help="the first N molecules of the split in permutation order (default 1000)")
+    c.add_argument("--max-atoms", type=positive_int, default=None, help="skip molecules with more atoms")
+    c.add_argument("--n-per-molecule", type=positive_int, default=2, help="model conformers per molecule (default 2)")
+    c.add_argument("--etkdg-counts", type=positive_int, nargs="+", default=None,
+                   help="ETKDG conformers per molecule, one run each (default: --n-per-molecule and 10)")
+    c.add_argument("--steps", type=positive_int, default=50, help="ODE steps of the model sampler (default 50)")
+    c.add_argument("--batch-size", type=positive_int, default=64, help="configurations integrated together")
+    c.add_argument("--json", default=None, help="also write the full results as JSON")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    c.add_argument("--seed", type=nonnegative_int, default=0)
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K")
+    c.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    c.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(c, subcommand=True)
+    c.set_defaults(func=cmd_benchmark_conformers)
+
+
+@_guard
+def cmd_benchmark_conformers(args: argparse.Namespace) -> int:
+    """Handler of ``benchmark conformers``."""
+    require_file("--checkpoint", args.checkpoint)
+    check_outputs({"--checkpoint": args.checkpoint, "--data": _input_path(args.data)}, {"--json": args.json},
+                  overwrite=args.overwrite)
+
+    from qmanifold.models.conformer_benchmark import format_table, run_benchmark
+    from qmanifold.models.evaluation import write_json
+
+    _set_threads(args.threads)
+    res = run_benchmark(args.checkpoint, data=args.data, split=args.split, limit=args.limit,
+                        n_per_molecule=args.n_per_molecule, etkdg_counts=args.etkdg_counts, steps=args.steps,
+                        seed=args.seed, batch_size=args.batch_size, device=args.device, use_ema=not args.no_ema,
+                        max_atoms=args.max_atoms, progress=not args.no_progress)
+    print(format_table(res), end="")
+    if args.json:
+        write_json(args.json, res)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # wiring
 # ----------------------------------------------------------------------------------------------
 
@@ -418,6 +476,7 @@ def register(subparsers) -> None:
     _add_sample(subparsers)
     _add_evaluate(subparsers)
     _add_baseline(subparsers)
+    _add_benchmark(subparsers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
