@@ -76,7 +76,8 @@ def test_build_parser_imports_no_heavy_module_and_has_every_command():
     assert proc.returncode == 0, proc.stderr
     commands, heavy = proc.stdout.strip().splitlines()
     assert heavy == "[]"
-    assert commands == str(sorted(["verify", "info", "train", "sample", "evaluate", "baseline", "bench", "kernels"]))
+    assert commands == str(sorted(["verify", "info", "train", "sample", "evaluate", "baseline", "benchmark", "bench",
+                                      "kernels"]))
 
 
 def test_import_qmanifold_is_lazy_and_complete():
