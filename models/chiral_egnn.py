@@ -25,7 +25,18 @@ pseudovector), with ``chi_c`` the requested label (0 where none or fewer than th
 .. math::
     h_c &\leftarrow h_c + \mathrm{MLP}_\chi\big(\bar h_c,\; \chi_c v_c,\; v_c\big) \\
     x_c &\leftarrow x_c + \rho \tanh\!\big(w^\top \mathrm{MLP}'_\chi(\bar h_c, \chi_c v_c, v_c)\big)\,
-          \frac{u_c}{|u_c| + 1}.
+          \frac{u_c}{|u_c| + 1}, \\
+    x_{n_4} &\leftarrow x_{n_4} + \rho \tanh\!\big(w_4^\top \mathrm{MLP}'_\chi(\bar h_c, \chi_c v_c, v_c)\big)\,
+          \frac{u_c}{|u_c| + 1} \quad \text{(centres with a fourth bonded neighbour } n_4\text{)}.
+
+The second push matters for centres with four explicit substituents (quaternary carbons of a
+heavy-atom graph, every centre of an all-atom graph): the centre and its fourth neighbour lie on the
+same side of the plane of the first three, so moving the centre alone across that plane leaves a
+strained geometry that the rest of the network pulls back; inverting the centre means moving both.
+Without it, a network trained on QM9 heavy atoms got 32 % of its quaternary centres wrong against
+0.2 % of the centres with an implicit hydrogen (200 validation molecules, 4 conformers each). The
+fourth-neighbour weights start at zero, and a checkpoint from before they existed loads with zeros
+(the same function as before).
 
 Under a rotation ``R`` (``det R = 1``) ``v`` is invariant and ``u`` rotates, so the layer is
 SE(3)-equivariant; under a reflection ``v`` changes sign and ``u`` does not turn with the frame, so
@@ -41,7 +52,7 @@ from torch import Tensor, nn
 from qmanifold.models.egnn import EGNNDenoiser
 from qmanifold.models.embeddings import center_masked, prepare_denoiser_inputs
 
-__all__ = ["ChiralLayer", "ChiralEGNNDenoiser", "chiral_frame"]
+__all__ = ["ChiralLayer", "ChiralEGNNDenoiser", "chiral_frame", "lowest_neighbours_of_atoms"]
 
 
 def chiral_frame(x: Tensor, neighbours: Tensor, valid: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -66,18 +77,25 @@ def chiral_frame(x: Tensor, neighbours: Tensor, valid: Tensor, eps: float = 1e-6
     return det / scale * w, (c12 + c23 + c31) * w[..., None]
 
 
-def lowest_three_neighbours(bond_types: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``(neighbours (B, N, 3) int64, valid (B, N) bool)``: the three bonded neighbours (codes 1..4) of
-    lowest index of each real atom; rows with fewer than three neighbours are not valid."""
+def lowest_neighbours_of_atoms(bond_types: Tensor, mask: Tensor, k: int = 4) -> tuple[Tensor, Tensor]:
+    """``(neighbours (B, N, k) int64, count (B, N) int64)``: the ``k`` bonded neighbours (codes 1..4)
+    of lowest index of each real atom, in increasing index order, and how many bonded neighbours
+    each atom has (entries beyond ``count`` are arbitrary indices, to be masked by the caller)."""
     n = bond_types.shape[-1]
     bonded = (bond_types >= 1) & (bond_types <= 4) & mask[:, :, None] & mask[:, None, :]
     index = torch.arange(n, device=bond_types.device)
     key = torch.where(bonded, index, index + n)  # bonded neighbours first, by index
-    order = torch.topk(key, k=min(3, n), dim=-1, largest=False).indices
-    if n < 3:
-        order = torch.cat([order, order.new_zeros(*order.shape[:-1], 3 - n)], dim=-1)
-    valid = (bonded.sum(-1) >= 3) & mask
-    return order, valid
+    order = torch.topk(key, k=min(k, n), dim=-1, largest=False, sorted=True).indices
+    if n < k:
+        order = torch.cat([order, order.new_zeros(*order.shape[:-1], k - n)], dim=-1)
+    return order, bonded.sum(-1) * mask
+
+
+def lowest_three_neighbours(bond_types: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(neighbours (B, N, 3) int64, valid (B, N) bool)``: the three bonded neighbours (codes 1..4) of
+    lowest index of each real atom; rows with fewer than three neighbours are not valid."""
+    order, count = lowest_neighbours_of_atoms(bond_types, mask, 3)
+    return order, (count >= 3) & mask
 
 
 class ChiralLayer(nn.Module):
@@ -90,22 +108,42 @@ class ChiralLayer(nn.Module):
         self.feature = nn.Sequential(nn.Linear(hidden + 2, hidden), nn.SiLU())
         self.node_out = nn.Linear(hidden, hidden)
         self.coord_out = nn.Linear(hidden, 1)
+        self.fourth_out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.fourth_out.weight)
+        nn.init.zeros_(self.fourth_out.bias)
         nn.init.zeros_(self.node_out.weight)
         nn.init.zeros_(self.node_out.bias)
         nn.init.xavier_uniform_(self.coord_out.weight, gain=1e-3)
         nn.init.zeros_(self.coord_out.bias)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints from before the fourth-neighbour push: zero weights, i.e. the old function
+        for name in ("weight", "bias"):
+            key = prefix + "fourth_out." + name
+            if key not in state_dict and prefix + "coord_out." + name in state_dict:
+                state_dict[key] = torch.zeros_like(getattr(self.fourth_out, name))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def forward(self, h: Tensor, x: Tensor, chirality: Tensor, neighbours: Tensor, valid: Tensor,
-                node_w: Tensor) -> tuple[Tensor, Tensor]:
-        """``h (B, N, H)``, ``x (B, N, 3)``, ``chirality (B, N)`` in {-1, 0, 1} -> updated ``(h, x)``."""
+                node_w: Tensor, fourth: Tensor | None = None, has_fourth: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``h (B, N, H)``, ``x (B, N, 3)``, ``chirality (B, N)`` in {-1, 0, 1} -> updated ``(h, x)``.
+
+        ``neighbours (B, N, 3)`` / ``valid (B, N)``: :func:`lowest_three_neighbours`; ``fourth (B, N)``
+        int64 / ``has_fourth (B, N)`` bool: each atom's fourth-lowest bonded neighbour (None: no push).
+        """
         v, u = chiral_frame(x, neighbours, valid)
         chi = chirality.to(x.dtype)
         f = self.feature(torch.cat([self.norm(h), (chi * v)[..., None], v[..., None]], dim=-1))
         h = (h + self.node_out(f)) * node_w
         coef = self.coords_range * torch.tanh(self.coord_out(f))  # (B, N, 1)
-        u_norm = u.norm(dim=-1, keepdim=True)
-        x = (x + coef * u / (u_norm + 1.0) * valid.to(x.dtype)[..., None]) * node_w
-        return h, x
+        direction = u / (u.norm(dim=-1, keepdim=True) + 1.0)
+        x = x + coef * direction * valid.to(x.dtype)[..., None]
+        if fourth is not None:
+            push = self.coords_range * torch.tanh(self.fourth_out(f)) * direction * has_fourth.to(x.dtype)[..., None]
+            x = x.scatter_add(1, fourth[..., None].expand(-1, -1, 3), push)
+        return h, x * node_w
 
 
 class ChiralEGNNDenoiser(EGNNDenoiser):
@@ -161,13 +199,15 @@ class ChiralEGNNDenoiser(EGNNDenoiser):
 
         kind = torch.where(mask, inp.atom_types // self.num_elements, 0)  # unspecified rows -> no label
         chirality = (kind == 1).long() - (kind == 2).long()
-        neighbours, valid = lowest_three_neighbours(inp.bond_types, mask)
+        lowest, count = lowest_neighbours_of_atoms(inp.bond_types, mask, 4)
+        neighbours, valid = lowest[..., :3], (count >= 3) & mask
+        fourth, has_fourth = lowest[..., 3], (count >= 4) & mask
 
         h = (self.atom_emb(inp.atom_types) + self.time_emb(inp.t)[:, None, :]) * node_w
         edge = self.bond_emb(inp.bond_types)
         for layer, chiral in zip(self.layers, self.chiral_layers):
             h, x = layer(h, x, edge, pair_w, node_w, self.dist)
-            h, x = chiral(h, x, chirality, neighbours, valid, node_w)
+            h, x = chiral(h, x, chirality, neighbours, valid, node_w, fourth, has_fourth)
         x = center_masked(x, mask)
         y = (1.0 + self.skip_gate(self.out_norm(h))) * x
         return center_masked(y, mask)

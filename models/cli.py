@@ -123,6 +123,10 @@ def _add_train(sub) -> None:
     g.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop this invocation at this step (schedule still planned for --steps); continue with --resume")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    g.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start a new run from the weights (and EMA weights) of CKPT, same model and data, fresh "
+                        "optimizer and schedule (fine-tuning; weights the checkpoint lacks load as zeros where the "
+                        "model allows it)")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in a non-empty --out: first delete the files of a previous run there "
                         "(last.pt, best.pt, log.jsonl, config.json, summary.json; other files are kept)")
@@ -180,7 +184,8 @@ def _check_model_kwargs(model: str, kwargs: dict, args: argparse.Namespace) -> N
 def cmd_train(args: argparse.Namespace) -> int:
     """Handler of ``train``."""
     model_kwargs = _parse_model_kwargs(args)
-    stale = check_run_dir(args.out, {"--data": _input_path(args.data)}, resume=args.resume,
+    stale = check_run_dir(args.out, {"--data": _input_path(args.data), "--init-from": args.init_from},
+                          resume=args.resume,
                           overwrite=getattr(args, "overwrite", False))
 
     from qmanifold.models.training import TrainConfig, train
@@ -196,6 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_limit=args.train_limit,
         val_limit=args.val_limit, val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
         stop_after=args.stop_after, resume=args.resume, threads=args.threads, progress=not args.no_progress,
+        init_from=args.init_from,
     )
     cfg.validate()
     if stale and int(os.environ.get("RANK", "0")) == 0:  # --overwrite: only rank 0 deletes (before DDP starts)
@@ -259,9 +265,21 @@ def _add_sample(sub) -> None:
                        description="Sample M conformers per molecule with a trained checkpoint (sampler geometry "
                                    "from the training loss: quotient samplers for quotient-trained models) and "
                                    "write them to an SDF file (and optionally XYZ).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt / last.pt)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file (best.pt / last.pt); default: the shipped QM9 model (heavy atoms, "
+                        "stereo-aware; see qmanifold/models/pretrained/PROVENANCE.md)")
     _add_molecule_args(p, need_checkpoint=True)
     p.add_argument("--n-per-molecule", type=positive_int, default=1, help="conformers per molecule M (default 1)")
+    p.add_argument("--refine", default="mmff", choices=("none", "mmff"),
+                   help="after sampling: MMFF94 minimisation of the complete molecule, hydrogens included, which "
+                        "keeps the sampled conformer and cleans up its local geometry (default mmff; none: the raw "
+                        "samples)")
+    p.add_argument("--stereo-retries", type=nonnegative_int, default=4,
+                   help="redraw conformers that miss a requested stereocentre or E/Z bond up to K times "
+                        "(stereo-aware models; default 4, 0 = off)")
+    p.add_argument("--no-hydrogens", action="store_true",
+                   help="write heavy-atom graphs without hydrogens (default: hydrogens placed from the heavy atoms, "
+                        "RDKit AddHs addCoords; with --refine mmff they are relaxed too)")
     p.add_argument("--out", required=True, help="output SDF file (never one of the inputs)")
     p.add_argument("--xyz", default=None, help="also write a multi-frame XYZ file")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --xyz files")
@@ -282,7 +300,8 @@ def _add_sample(sub) -> None:
 @_guard
 def cmd_sample(args: argparse.Namespace) -> int:
     """Handler of ``sample``."""
-    require_file("--checkpoint", args.checkpoint)
+    if args.checkpoint is not None:
+        require_file("--checkpoint", args.checkpoint)
     check_outputs({"--checkpoint": args.checkpoint, "--data": _input_path(args.data)},
                   {"--out": args.out, "--xyz": args.xyz}, overwrite=args.overwrite)
 
@@ -291,25 +310,58 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
+    checkpoint, shipped = args.checkpoint, args.checkpoint is None
+    if shipped:
+        from qmanifold.models.pretrained import DEFAULT, pretrained_path
+
+        checkpoint = pretrained_path(DEFAULT)
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
     qd = diffusion_from_checkpoint(ckpt, device=device, use_ema=not args.no_ema)
     data = ckpt["data"]
+    trained_on = str(data.get("data", ""))
+    if args.data and trained_on and args.data.strip().lower() != trained_on.lower() and args.split != "all" \
+            and {args.data.strip().lower(), trained_on.lower()} <= {"qm9", "qm9-edm", "qm9_edm"}:
+        print(f"[qmanifold] note: the checkpoint was trained on the {trained_on} splits; the {args.split} split of "
+              f"{args.data} overlaps its training molecules (use --data {trained_on} for held-out ones)")
     graphs = _select_graphs(args, data["elements"], bool(data.get("heavy_atoms_only", False)))
     t0 = time.time()
+    stats: dict = {}
     confs = sample_conformers(qd, graphs, args.n_per_molecule, steps=args.steps, sampler=args.sampler,
                               seed=args.seed, batch_size=args.batch_size, device=device,
-                              progress=not args.no_progress, geometry=args.geometry)
+                              progress=not args.no_progress, geometry=args.geometry,
+                              stereo_retries=args.stereo_retries, stats=stats)
+    complete = None
+    if args.refine != "none":
+        from qmanifold.models.refine import refine_conformers
+
+        complete, refine_stats = refine_conformers(graphs, confs, args.refine, progress=not args.no_progress)
+        stats.update(refine_stats)
+        if args.no_hydrogens:  # keep the refined heavy atoms, drop the hydrogens
+            import numpy as np
+
+            confs = [np.stack([c.heavy for c in row]) for row in complete]
+            complete = None
     geometry = args.geometry or ("quotient" if qd.loss_type == "quotient" else "conventional")
     props = {"qm_method": "qmanifold", "qm_model": ckpt["model"]["name"], "qm_loss": ckpt["diffusion"]["loss"],
-             "qm_checkpoint": os.path.abspath(args.checkpoint), "qm_step": int(ckpt["step"]),
+             "qm_checkpoint": "shipped:" + DEFAULT if shipped else os.path.abspath(checkpoint),
+             "qm_step": int(ckpt["step"]),
              "qm_sampler": args.sampler, "qm_geometry": geometry, "qm_steps": args.steps, "qm_seed": args.seed,
-             "qm_ema": int(not args.no_ema and ckpt.get("ema_state_dict") is not None)}
-    records = make_records(graphs, confs, props)
+             "qm_ema": int(not args.no_ema and ckpt.get("ema_state_dict") is not None) or
+             int(bool(ckpt.get("exported_from", {}).get("ema"))),
+             "qm_stereo_retries": args.stereo_retries}
+    if args.no_hydrogens and args.refine != "none":
+        props["qm_refine"] = f"{args.refine} (with hydrogens placed; hydrogens not written)"
+    records = make_records(graphs, confs, props, complete=complete, hydrogens=not args.no_hydrogens)
     write_sdf(args.out, records)
     if args.xyz:
         write_xyz(args.xyz, records)
+    extra = ""
+    if stats.get("stereo_redrawn"):
+        extra += f", {stats['stereo_redrawn']} stereo redraw(s), {stats['stereo_wrong']} conformer(s) still off"
+    if stats.get("mmff_missing_params"):
+        extra += f", {stats['mmff_missing_params']} without MMFF94 parameters (not refined)"
     print(f"[qmanifold] {len(records)} conformers of {len(graphs)} molecule(s) ({args.sampler}, {geometry} geometry, "
-          f"{args.steps} steps) in {time.time() - t0:.1f} s -> {args.out}")
+          f"{args.steps} steps, refine {args.refine}{extra}) in {time.time() - t0:.1f} s -> {args.out}")
     return 0
 
 
@@ -419,7 +471,8 @@ def _add_benchmark(sub) -> None:
                                     "MMFF94, stereo assigned from the reference geometry) for the same molecules and "
                                     "print one Markdown table: COV-R/AMR-R/COV-P/AMR-P at 0.25/0.5/1.0 Å (failures "
                                     "count as misses), stereo correctness, bond-length/angle W1, time per molecule.")
-    c.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt / last.pt)")
+    c.add_argument("--checkpoint", default=None,
+                   help="checkpoint file (best.pt / last.pt); default: the shipped QM9 model")
     c.add_argument("--data", default="qm9-edm", help="qm9-edm | qm9 | qm9-extract | FILE (default qm9-edm)")
     c.add_argument("--split", default="test", choices=("train", "valid", "test", "all"), help="(default test)")
     c.add_argument("--limit", type=positive_int, default=1000,
@@ -429,6 +482,11 @@ def _add_benchmark(sub) -> None:
     c.add_argument("--etkdg-counts", type=positive_int, nargs="+", default=None,
                    help="ETKDG conformers per molecule, one run each (default: --n-per-molecule and 10)")
     c.add_argument("--steps", type=positive_int, default=50, help="ODE steps of the model sampler (default 50)")
+    c.add_argument("--stereo-retries", type=nonnegative_int, default=4,
+                   help="redraws of model conformers that miss a requested stereo label (default 4, as in sample)")
+    c.add_argument("--no-refine", action="store_true", help="skip the model+mmff row")
+    c.add_argument("--workers", type=positive_int, default=1,
+                   help="processes for the ETKDG baselines (default 1; times stay per molecule and core)")
     c.add_argument("--batch-size", type=positive_int, default=64, help="configurations integrated together")
     c.add_argument("--json", default=None, help="also write the full results as JSON")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -444,6 +502,10 @@ def _add_benchmark(sub) -> None:
 @_guard
 def cmd_benchmark_conformers(args: argparse.Namespace) -> int:
     """Handler of ``benchmark conformers``."""
+    if args.checkpoint is None:
+        from qmanifold.models.pretrained import DEFAULT, pretrained_path
+
+        args.checkpoint = pretrained_path(DEFAULT)
     require_file("--checkpoint", args.checkpoint)
     check_outputs({"--checkpoint": args.checkpoint, "--data": _input_path(args.data)}, {"--json": args.json},
                   overwrite=args.overwrite)
@@ -455,7 +517,8 @@ def cmd_benchmark_conformers(args: argparse.Namespace) -> int:
     res = run_benchmark(args.checkpoint, data=args.data, split=args.split, limit=args.limit,
                         n_per_molecule=args.n_per_molecule, etkdg_counts=args.etkdg_counts, steps=args.steps,
                         seed=args.seed, batch_size=args.batch_size, device=args.device, use_ema=not args.no_ema,
-                        max_atoms=args.max_atoms, progress=not args.no_progress)
+                        max_atoms=args.max_atoms, progress=not args.no_progress, stereo_retries=args.stereo_retries,
+                        refine=not args.no_refine, workers=args.workers)
     print(format_table(res), end="")
     if args.json:
         write_json(args.json, res)

@@ -239,41 +239,73 @@ def geometry_summary(graphs: Sequence, conformers: Sequence[np.ndarray | None]) 
 # ----------------------------------------------------------------------------------------------
 
 
-def _model_conformers(qd, graphs, n: int, steps: int, seed: int, batch_size: int, device, progress: bool
-                      ) -> tuple[list[np.ndarray | None], bool]:
+def _model_conformers(qd, graphs, n: int, steps: int, seed: int, batch_size: int, device, progress: bool,
+                      stereo_retries: int = 0, stats: dict | None = None) -> tuple[list[np.ndarray | None], bool]:
     """Model conformers; if the batched run produces NaNs, each molecule is sampled on its own
-    (seed ``seed + i``) and the ones that still fail are None. Returns ``(conformers, resampled)``."""
+    (seed ``seed + i``) and the ones that still fail are None. Returns ``(conformers, resampled)``;
+    ``stats`` receives the stereo-redraw counters of :func:`~qmanifold.models.sampling.sample_conformers`."""
     from qmanifold.models.sampling import sample_conformers
 
+    stats = {} if stats is None else stats
     try:
         return list(sample_conformers(qd, graphs, n, steps=steps, sampler="ode", seed=seed, batch_size=batch_size,
-                                      device=device, progress=progress)), False
+                                      device=device, progress=progress, stereo_retries=stereo_retries,
+                                      stats=stats)), False
     except FloatingPointError:
         pass
     out: list[np.ndarray | None] = []
+    stats.update(stereo_redrawn=0, stereo_wrong=0)
     for i, g in enumerate(graphs):
+        one: dict = {}
         try:
             out.append(sample_conformers(qd, [g], n, steps=steps, sampler="ode", seed=seed + i,
-                                         batch_size=batch_size, device=device, progress=False)[0])
+                                         batch_size=batch_size, device=device, progress=False,
+                                         stereo_retries=stereo_retries, stats=one)[0])
         except FloatingPointError:
             out.append(None)
+        for k in ("stereo_redrawn", "stereo_wrong"):
+            stats[k] += one.get(k, 0)
     return out, True
+
+
+# state of the baseline workers (set before forking; read-only there)
+_JOB: dict[str, Any] = {}
+
+
+def _baseline_job(i: int) -> dict:
+    """ETKDG variants of molecule ``i`` of ``_JOB["graphs"]``: ``{name: (conformers, stats, seconds, rmsd)}``."""
+    from qmanifold.models.baselines import etkdg_conformers
+    from qmanifold.models.sampling import MoleculeInputError, mol_with_coordinates
+
+    g = _JOB["graphs"][i]
+    ref = mol_with_coordinates(g, g.positions)
+    out = {}
+    for name, k, mmff in _JOB["variants"]:
+        t1 = time.perf_counter()
+        try:
+            c, st = etkdg_conformers(g, k, seed=_JOB["seed"] + i, mmff=mmff, stereo_from_reference=True)
+        except MoleculeInputError:
+            c, st = None, {"embedding_failed": 1}
+        out[name] = (c, st, time.perf_counter() - t1, rmsd_to_reference(g, c, ref))
+    return out
 
 
 def run_benchmark(checkpoint: str, data: str = "qm9-edm", split: str = "test", limit: int | None = 1000,
                   n_per_molecule: int = 2, etkdg_counts: Sequence[int] | None = None, steps: int = 50,
                   seed: int = 0, batch_size: int = 64, device: str = "auto", use_ema: bool = True,
                   max_atoms: int | None = None, thresholds: Sequence[float] = THRESHOLDS,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, stereo_retries: int = 4, refine: bool = True, workers: int = 1) -> dict:
     """Run the benchmark (module docstring) and return a JSON-serialisable dict.
 
     Result: ``{"config", "num_molecules", "order", "methods": {name: {"conformers_per_molecule",
     "rmsd": aggregate_rmsd(...), "stereo": stereo_summary(...), "geometry": geometry_summary(...),
-    "time_per_molecule_s", "stats"}}}``; method names are ``model``, ``etkdg-k{K}`` and
-    ``etkdg+mmff-k{K}``.
+    "time_per_molecule_s", "stats"}}}``; method names are ``model`` (the sampler's output, with up to
+    ``stereo_retries`` stereo redraws), ``model+mmff`` (the same conformers completed with hydrogens and
+    MMFF94-minimised, :mod:`qmanifold.models.refine`; with ``refine``), ``etkdg-k{K}`` and
+    ``etkdg+mmff-k{K}``. ``workers`` > 1 runs the ETKDG baselines in that many processes (each
+    molecule's time is still measured on one core).
     """
-    from qmanifold.models.baselines import etkdg_conformers
-    from qmanifold.models.sampling import MoleculeInputError, mol_with_coordinates
+    from qmanifold.models.sampling import mol_with_coordinates
     from qmanifold.models.training import diffusion_from_checkpoint, load_checkpoint, resolve_device
 
     counts = list(dict.fromkeys(int(k) for k in (etkdg_counts or (n_per_molecule, 10))))
@@ -289,51 +321,86 @@ def run_benchmark(checkpoint: str, data: str = "qm9-edm", split: str = "test", l
         raise ValueError(f"no molecules in the {split!r} split of {data!r}")
 
     t0 = time.perf_counter()
-    model_confs, resampled = _model_conformers(qd, graphs, n_per_molecule, steps, seed, batch_size, dev, progress)
+    model_stats: dict = {}
+    model_confs, resampled = _model_conformers(qd, graphs, n_per_molecule, steps, seed, batch_size, dev, progress,
+                                               stereo_retries, model_stats)
     model_time = (time.perf_counter() - t0) / len(graphs)
+    model_stats["resampled_per_molecule"] = resampled
 
     variants = [(f"etkdg{'+mmff' if mmff else ''}-k{k}", k, mmff) for k in counts for mmff in (False, True)]
     confs: dict[str, list] = {"model": model_confs}
     times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     stats: dict[str, dict] = {name: {} for name, _, _ in variants}
-    rmsd: dict[str, list] = {"model": []}
+    stats["model"] = model_stats
+    time_per: dict[str, float] = {"model": model_time}
+    sizes = {"model": n_per_molecule, **{name: k for name, k, _ in variants}}
+    refs = [mol_with_coordinates(g, g.positions) for g in graphs]
+    rmsd: dict[str, list] = {"model": [rmsd_to_reference(g, c, r) for g, c, r in zip(graphs, model_confs, refs)]}
+    if refine:
+        from qmanifold.models.refine import complete_conformer
+
+        t1 = time.perf_counter()
+        refined, rstats = [], {}
+        for g, c in zip(graphs, model_confs):
+            if c is None:
+                refined.append(None)
+                continue
+            row = [complete_conformer(g, x, "mmff") for x in c]
+            for cc in row:
+                for key, v in cc.stats.items():
+                    rstats[key] = rstats.get(key, 0) + v
+            refined.append(np.stack([cc.heavy for cc in row]))
+        name = "model+mmff"
+        confs[name], sizes[name], stats[name] = refined, n_per_molecule, {**model_stats, **rstats}
+        time_per[name] = model_time + (time.perf_counter() - t1) / len(graphs)
+        rmsd[name] = [rmsd_to_reference(g, c, r) for g, c, r in zip(graphs, refined, refs)]
     for name, _, _ in variants:
         confs[name] = []
         rmsd[name] = []
-    it = graphs
-    if progress:
-        from tqdm.auto import tqdm
+    _JOB.update(graphs=graphs, variants=variants, seed=seed)
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
 
-        it = tqdm(graphs, desc="benchmark (ETKDG + scoring)", unit="mol", dynamic_ncols=True)
-    for i, g in enumerate(it):
-        ref = mol_with_coordinates(g, g.positions)
-        rmsd["model"].append(rmsd_to_reference(g, model_confs[i], ref))
-        for name, k, mmff in variants:
-            t1 = time.perf_counter()
-            try:
-                c, st = etkdg_conformers(g, k, seed=seed + i, mmff=mmff, stereo_from_reference=True)
-            except MoleculeInputError:
-                c, st = None, {"embedding_failed": 1}
-            times[name].append(time.perf_counter() - t1)
-            for key, v in st.items():
-                stats[name][key] = stats[name].get(key, 0) + int(v)
-            confs[name].append(c)
-            rmsd[name].append(rmsd_to_reference(g, c, ref))
+            pool = ProcessPoolExecutor(max_workers=int(workers), mp_context=mp.get_context("fork"))
+            results = pool.map(_baseline_job, range(len(graphs)), chunksize=4)
+        else:
+            pool = None
+            results = map(_baseline_job, range(len(graphs)))
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(graphs), desc="benchmark (ETKDG + scoring)", unit="mol",
+                           dynamic_ncols=True)
+        for res in results:
+            for name, (c, st, sec, r) in res.items():
+                times[name].append(sec)
+                for key, v in st.items():
+                    stats[name][key] = stats[name].get(key, 0) + int(v)
+                confs[name].append(c)
+                rmsd[name].append(r)
+        if pool is not None:
+            pool.shutdown()
+    finally:
+        _JOB.clear()
+    for name, _, _ in variants:
+        time_per[name] = float(np.mean(times[name]))
 
     methods: dict[str, Any] = {}
-    sizes = {"model": n_per_molecule, **{name: k for name, k, _ in variants}}
-    for name in ["model"] + [v[0] for v in variants]:
+    for name in list(rmsd):
         methods[name] = {
             "conformers_per_molecule": sizes[name],
             "rmsd": aggregate_rmsd(rmsd[name], sizes[name], thresholds),
             "stereo": stereo_summary(graphs, confs[name], sizes[name]),
             "geometry": geometry_summary(graphs, confs[name]),
-            "time_per_molecule_s": model_time if name == "model" else float(np.mean(times[name])),
-            "stats": {"resampled_per_molecule": resampled} if name == "model" else stats[name],
+            "time_per_molecule_s": time_per[name],
+            "stats": stats[name],
         }
     return {
         "config": {"checkpoint": str(checkpoint), "data": data, "split": split, "limit": limit,
                    "n_per_molecule": n_per_molecule, "etkdg_counts": counts, "steps": steps, "sampler": "ode",
+                   "stereo_retries": int(stereo_retries), "refine": bool(refine), "workers": int(workers),
                    "seed": seed, "device": str(dev), "ema": bool(use_ema), "heavy_atoms_only": heavy,
                    "model": ckpt["model"]["name"], "loss": ckpt["diffusion"]["loss"],
                    "thresholds": [float(t) for t in thresholds]},

@@ -306,6 +306,21 @@ def _merge_geometry(acc: dict, new: Mapping[str, list]) -> None:
 _PER_RECORD_PROPS = {"qm_source", "qm_index", "qm_smiles", "qm_sample", "qm_dataset", "qm_heavy_atoms_only"}
 
 
+def _without_added_hydrogens(rec: dict) -> dict:
+    """A heavy-atom record whose SDF also holds the hydrogens placed after sampling (they follow the
+    graph atoms, :func:`qmanifold.models.sampling.make_records`): the graph atoms only, for scoring."""
+    z = rec["atomic_numbers"]
+    n = int(np.count_nonzero(z != 1))
+    if n == z.shape[0] or np.any(z[:n] == 1):
+        return rec
+    Chem, _ = _chem()
+    mol = Chem.RWMol(rec["mol"])
+    for k in range(z.shape[0] - 1, n - 1, -1):
+        mol.RemoveAtom(k)
+    return {**rec, "mol": mol.GetMol(), "positions": rec["positions"][:n], "atomic_numbers": z[:n],
+            "bond_types": rec["bond_types"][:n, :n]}
+
+
 def _load_reference(spec: str, heavy_atoms_only: bool, cache: dict):
     key = (spec, heavy_atoms_only)
     if key not in cache:
@@ -376,6 +391,8 @@ def evaluate_samples(samples: str | os.PathLike | Sequence[dict], reference: str
             props = recs[0]["props"]
             spec = reference or props.get("qm_dataset", "")
             heavy = props.get("qm_heavy_atoms_only", "0") in ("1", "True", "true")
+            if heavy:
+                recs = [_without_added_hydrogens(r) for r in recs]
             ref_graph = None
             if spec:
                 try:

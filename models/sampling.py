@@ -397,6 +397,7 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
                       sampler: str = "ode", seed: int = 0, batch_size: int = 64,
                       device: str | torch.device | None = None, progress: bool = True,
                       stereo: bool | None = None, num_elements: int | None = None,
+                      stereo_retries: int = 0, stats: dict | None = None,
                       **sample_kwargs: Any) -> list[np.ndarray]:
     """``n_per_molecule`` conformers for each graph.
 
@@ -411,6 +412,12 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
         device: default: the model's device.
         stereo: feed stereo-annotated types (:mod:`qmanifold.models.stereo`); default: whether the
             denoiser is stereo-aware (``chiral_egnn``). ``num_elements`` = the model's element count.
+        stereo_retries: with stereo labels, redraw each conformer that does not reproduce every
+            requested label (:func:`~qmanifold.models.stereo.stereo_agreement`) up to this many times
+            (rejection sampling, as ETKDG retries embeddings that violate chiral constraints); a
+            redraw replaces the conformer when it agrees with at least as many labels.
+        stats: a dict to receive counters: ``stereo_redrawn`` (conformers redrawn, all rounds) and
+            ``stereo_wrong`` (conformers still wrong at the end, 0 without labels).
         **sample_kwargs: more options for ``qd.sample`` (``eta``, ``time_grid``, ``churn``).
 
     Returns:
@@ -442,27 +449,58 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
     jobs.sort(key=lambda j: graphs[j[0]].num_atoms)  # stable: little padding per batch
     results = [np.zeros((n_per_molecule, g.num_atoms, 3)) for g in graphs]
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    chunks = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs), desc=f"sampling ({sampler}, {steps} steps)", unit="conf", dynamic_ncols=True)
-    try:
-        for chunk in chunks:
+    def draw(todo: list[tuple[int, int]], bar) -> list[np.ndarray]:
+        out = []
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s:s + batch_size]
             batch = _collate_graphs([graphs[gi] for gi, _ in chunk], device, dtype, stereo_elements)
             x = qd.sample(mask=batch["mask"], steps=steps, sampler=sampler, generator=gen, device=device,
                           dtype=dtype, atom_types=batch["atom_types"], bond_types=batch["bond_types"],
                           **sample_kwargs)
             x = x.detach().to("cpu", torch.float64).numpy()
-            for row, (gi, k) in enumerate(chunk):
-                n = graphs[gi].num_atoms
-                results[gi][k] = x[row, :n]
+            out.extend(x[row, :graphs[gi].num_atoms] for row, (gi, _) in enumerate(chunk))
             if bar is not None:
                 bar.update(len(chunk))
+        return out
+
+    def agreement(gi: int, x: np.ndarray) -> tuple[int, int]:
+        from qmanifold.models.stereo import stereo_agreement
+
+        labels = graph_stereo(graphs[gi]) if stereo_elements is not None else None
+        if labels is None or labels.num_labelled == 0:
+            return 0, 0
+        if not np.all(np.isfinite(x)):
+            return -1, labels.num_labelled
+        return stereo_agreement(x, graphs[gi].bond_types, labels)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=f"sampling ({sampler}, {steps} steps)", unit="conf", dynamic_ncols=True)
+    redrawn = 0
+    try:
+        for (gi, k), x in zip(jobs, draw(jobs, bar)):
+            results[gi][k] = x
+        for _ in range(int(stereo_retries) if stereo_elements is not None else 0):
+            score = {(gi, k): agreement(gi, results[gi][k]) for gi, k in jobs}
+            todo = [j for j in jobs if score[j][0] != score[j][1]]
+            if not todo:
+                break
+            redrawn += len(todo)
+            if bar is not None:
+                bar.total += len(todo)
+                bar.set_description(f"sampling ({sampler}, {steps} steps; stereo redraws)")
+            for (gi, k), x in zip(todo, draw(todo, bar)):
+                if agreement(gi, x)[0] >= score[(gi, k)][0]:
+                    results[gi][k] = x
     finally:
         if bar is not None:
             bar.close()
+    if stats is not None:
+        stats["stereo_redrawn"] = redrawn
+        stats["stereo_wrong"] = sum(int(a != n) for a, n in (agreement(gi, results[gi][k]) for gi, k in jobs))
     bad = [graphs[i].source for i, r in enumerate(results) if not np.all(np.isfinite(r))]
     if bad:
         raise FloatingPointError(f"the sampler produced NaN/inf coordinates for {len(bad)} molecule(s): {bad[:5]}")
@@ -475,23 +513,60 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
 
 
 def make_records(graphs: Sequence[MolGraph], conformers: Sequence[np.ndarray],
-                 props: Mapping[str, Any] | None = None) -> list[dict]:
+                 props: Mapping[str, Any] | None = None, complete: Sequence[Sequence[Any]] | None = None,
+                 hydrogens: bool = True) -> list[dict]:
     """Flatten per-graph conformer arrays ``(M, N, 3)`` into SDF records (``graph``, ``positions``,
-    ``sample``, ``props``), adding the identifier properties and the shared ``props``."""
+    ``sample``, ``props``, ``complete``), adding the identifier properties and the shared ``props``.
+
+    Complete molecules: ``complete[i][k]`` (a :class:`~qmanifold.models.refine.CompleteConformer`,
+    e.g. from :func:`~qmanifold.models.refine.refine_conformers`) is written with all its atoms; without
+    it, heavy-atom graphs get their hydrogens placed from the heavy atoms (RDKit ``AddHs(addCoords=True)``)
+    unless ``hydrogens`` is False. ``qm_hydrogens`` and ``qm_refine`` say which. Stereo properties are
+    read from the written heavy atoms.
+    """
+    from qmanifold.models.refine import complete_conformer
+
     if len(graphs) != len(conformers):
         raise ValueError(f"{len(graphs)} graphs but {len(conformers)} conformer arrays")
+    if complete is not None and len(complete) != len(graphs):
+        raise ValueError(f"{len(graphs)} graphs but {len(complete)} lists of complete conformers")
     records = []
-    for g, confs in zip(graphs, conformers):
+    for i, (g, confs) in enumerate(zip(graphs, conformers)):
         confs = np.asarray(confs, dtype=np.float64)
         if confs.ndim == 2:
             confs = confs[None]
         for k in range(confs.shape[0]):
+            full = complete[i][k] if complete is not None else None
+            if full is None and hydrogens and g.heavy_atoms_only:
+                full = complete_conformer(g, _check_coordinates(g, confs[k], f"{g.source} sample {k}"))
+            heavy = full.heavy if full is not None else confs[k]
             p = {"qm_source": g.source, "qm_dataset": g.dataset, "qm_index": int(g.index), "qm_smiles": g.smiles,
-                 "qm_sample": k, "qm_heavy_atoms_only": int(g.heavy_atoms_only)}
-            p.update(stereo_properties(g, confs[k]))
+                 "qm_sample": k, "qm_heavy_atoms_only": int(g.heavy_atoms_only),
+                 "qm_hydrogens": full.hydrogens if full is not None else
+                 ("none (heavy atoms only)" if g.heavy_atoms_only else "in the conformer (all-atom graph)"),
+                 "qm_refine": full.refine if full is not None else "none"}
+            p.update(stereo_properties(g, heavy))
             p.update(props or {})
-            records.append({"graph": g, "positions": confs[k], "sample": k, "props": p})
+            records.append({"graph": g, "positions": heavy, "sample": k, "props": p, "complete": full})
     return records
+
+
+def _record_mol(rec: Mapping[str, Any], name: str):
+    """The RDKit molecule of a record: the graph atoms, plus the hydrogens of ``rec["complete"]``."""
+    Chem, _ = _rdkit()
+    g = rec["graph"]
+    mol = mol_with_coordinates(g, rec["positions"], name=name)
+    full = rec.get("complete")
+    if full is None or full.positions.shape[0] == g.num_atoms:
+        return mol
+    mol = Chem.AddHs(mol, addCoords=True)
+    if mol.GetNumAtoms() != full.positions.shape[0]:
+        raise MoleculeInputError(f"{g.source}: {full.positions.shape[0]} atoms in the complete conformer but "
+                                 f"{mol.GetNumAtoms()} with hydrogens added")
+    conf = mol.GetConformer()
+    for k, p in enumerate(full.positions.tolist()):
+        conf.SetAtomPosition(k, p)
+    return mol
 
 
 def stereo_properties(graph: MolGraph, positions: np.ndarray) -> dict:
@@ -539,7 +614,7 @@ def sdf_text(records: Sequence[Mapping[str, Any]]) -> str:
     for r, rec in enumerate(records):
         g = rec["graph"]
         name = rec.get("name") or f"{g.source} sample {rec.get('sample', 0)}"
-        mol = mol_with_coordinates(g, rec["positions"], name=_clean_value(name))
+        mol = _record_mol(rec, _clean_value(name))
         sanitized = bool(template_mol(g).GetIntProp("_qm_sanitized"))
         block = Chem.MolToMolBlock(mol, kekulize=sanitized)
         lines = [block.rstrip("\n")]
@@ -570,7 +645,11 @@ def write_xyz(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> 
     for r, rec in enumerate(records):
         g = rec["graph"]
         pos = _check_coordinates(g, rec["positions"], f"record {r}")
-        chunks.append(f"{g.num_atoms}\n{_clean_value(g.source)} sample={rec.get('sample', 0)}\n")
-        chunks.append("".join(f"{_element_symbol(z):<2s} {p[0]:14.8f} {p[1]:14.8f} {p[2]:14.8f}\n"
-                              for z, p in zip(g.atomic_numbers.tolist(), pos)))
+        z = g.atomic_numbers.tolist()
+        full = rec.get("complete")
+        if full is not None:
+            pos, z = full.positions, full.atomic_numbers.tolist()
+        chunks.append(f"{len(z)}\n{_clean_value(g.source)} sample={rec.get('sample', 0)}\n")
+        chunks.append("".join(f"{_element_symbol(a):<2s} {p[0]:14.8f} {p[1]:14.8f} {p[2]:14.8f}\n"
+                              for a, p in zip(z, pos)))
     atomic_write_text(path, "".join(chunks))

@@ -103,6 +103,7 @@ __all__ = [
     "init_distributed",
     "resolve_device",
     "read_log",
+    "export_checkpoint",
 ]
 
 #: Value of the ``"format"`` key of every qmanifold checkpoint.
@@ -165,7 +166,10 @@ class TrainConfig:
     Run control: ``out`` (directory), ``seed``, ``device`` (auto | cpu | cuda | cuda:K), ``dtype``
     (float32 | float64), ``val_every`` / ``ckpt_every`` / ``log_every`` (steps), ``stop_after``
     (stop this invocation at that step, keeping the schedule of ``steps``: for time-sliced jobs),
-    ``resume``, ``threads`` (CPU threads), ``progress`` (tqdm bar).
+    ``resume``, ``threads`` (CPU threads), ``progress`` (tqdm bar), ``init_from`` (a checkpoint
+    whose weights, and EMA weights, start a *new* run of the same model and data, with a fresh
+    optimizer and schedule: fine-tuning, or continuing with an extended architecture whose new
+    weights load as zeros; ignored when resuming, where ``last.pt`` holds the weights).
     """
 
     data: str = "qm9-extract"
@@ -203,6 +207,7 @@ class TrainConfig:
     resume: bool = False
     threads: int | None = None
     progress: bool = True
+    init_from: str | None = None
 
     def validate(self) -> TrainConfig:
         """Check the values; returns ``self``. Raises ``ValueError`` naming the bad field."""
@@ -598,6 +603,29 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return obj
 
 
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, provenance: dict | None = None,
+                      use_ema: bool = True) -> dict:
+    """Write a slim, inference-only copy of a checkpoint (atomically) and return it.
+
+    The copy keeps the model (its weights are the EMA weights when ``use_ema`` and the source has
+    them), the diffusion settings, the data description, the step and the training configuration,
+    and adds ``provenance`` (free-form, JSON-like); it drops the optimizer, the RNG states and the
+    second copy of the weights, so it is a few times smaller and cannot be resumed.
+    """
+    ckpt = load_checkpoint(src)
+    state = ckpt["ema_state_dict"] if use_ema and ckpt.get("ema_state_dict") is not None else ckpt["model"]["state_dict"]
+    slim = {k: ckpt[k] for k in _REQUIRED_KEYS}
+    slim["model"] = {**ckpt["model"], "state_dict": {k: v.clone() for k, v in state.items()}}
+    slim["ema_state_dict"] = None
+    slim["exported_from"] = {"path": os.path.basename(os.fspath(src)), "ema": bool(use_ema and ckpt.get("ema_state_dict") is not None)}
+    for key in ("best_val", "elapsed", "epoch"):
+        if key in ckpt:
+            slim[key] = ckpt[key]
+    slim["provenance"] = dict(provenance or {})
+    save_checkpoint(dst, slim)
+    return slim
+
+
 def diffusion_from_checkpoint(ckpt: dict | str | os.PathLike, device: str | torch.device = "cpu",
                               use_ema: bool = True):
     """Rebuild the trained :class:`~qmanifold.QuotientDiffusion` (eval mode) from a checkpoint.
@@ -706,6 +734,30 @@ def _check_resume_config(stored: dict, cfg: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict(new)
 
 
+def _initialise_from(cfg: TrainConfig, denoiser: nn.Module, ema_model: nn.Module | None, data_spec: dict) -> None:
+    """Load the weights (and EMA weights) of ``cfg.init_from`` into a new run's networks.
+
+    Raises:
+        CheckpointError: unreadable file, another model, another element vocabulary or stereo
+        setting, or weights that do not fit (the message names which).
+    """
+    src = load_checkpoint(cfg.init_from, map_location="cpu")
+    if src["model"]["name"] != cfg.model.lower():
+        raise CheckpointError(f"--init-from {cfg.init_from}: it holds a {src['model']['name']!r} model, this run "
+                              f"trains {cfg.model!r}")
+    for key in ("elements", "stereo", "heavy_atoms_only"):
+        if key in src["data"] and src["data"][key] != data_spec[key]:
+            raise CheckpointError(f"--init-from {cfg.init_from}: its data has {key}={src['data'][key]!r}, this run "
+                                  f"{data_spec[key]!r}")
+    try:
+        denoiser.load_state_dict(src["model"]["state_dict"])
+        if ema_model is not None:
+            ema_model.load_state_dict(src.get("ema_state_dict") or src["model"]["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"--init-from {cfg.init_from}: its weights do not fit this run's architecture "
+                              f"({str(exc).splitlines()[0]}); --hidden/--layers/--model-kwargs must match") from exc
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training run; returns the summary dict (also ``out/summary.json``).
 
@@ -777,6 +829,8 @@ def train(cfg: TrainConfig) -> dict:
     if ema_model is not None:
         for p in ema_model.parameters():
             p.requires_grad_(False)
+    if ckpt is None and cfg.init_from:
+        _initialise_from(cfg, denoiser, ema_model, data_spec)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = _rng_generator(device, cfg.seed * 1000 + 17 + info.rank)
 

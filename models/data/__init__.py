@@ -31,6 +31,7 @@ from .io import (
     load_npz_ensemble,
     load_sdf,
     perceive_bonds,
+    resolve_bond_orders,
     save_npz_ensemble,
 )
 from .qm9 import (
@@ -68,6 +69,7 @@ __all__ = [
     "save_npz_ensemble",
     "load_sdf",
     "perceive_bonds",
+    "resolve_bond_orders",
     "match_smiles_to_geometry",
     "standard_split",
     "default_cache_dir",

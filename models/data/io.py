@@ -12,9 +12,9 @@ working. This module holds the readers for user-supplied data:
 Errors caused by the user's file (unreadable, empty, malformed fields, unsupported elements) are
 :class:`~qmanifold.errors.InputError` with a message that names the file.
 
-Nothing here imports RDKit at module import time; only :func:`load_sdf` and the bond perception
-fallback of :func:`load_npz_ensemble` need it. The QM9 loaders (:mod:`qmanifold.models.data.qm9`)
-are imported only when :func:`load_dataset` is asked for QM9, so neither module imports the other
+Nothing here imports RDKit at module import time; only :func:`load_sdf`, :func:`perceive_bonds` and
+the bond-order resolution of :func:`load_npz_ensemble` (:func:`resolve_bond_orders`) need it. The
+QM9 loaders (:mod:`qmanifold.models.data.qm9`) are imported only when :func:`load_dataset` is asked for QM9, so neither module imports the other
 at import time.
 """
 
@@ -70,6 +70,7 @@ __all__ = [
     "element_label",
     "read_npz",
     "perceive_bonds",
+    "resolve_bond_orders",
     "load_npz_ensemble",
     "save_npz_ensemble",
     "load_sdf",
@@ -124,18 +125,383 @@ def perceive_bonds(positions: np.ndarray, atomic_numbers: np.ndarray) -> np.ndar
 
 
 # ----------------------------------------------------------------------------------------------
+# Bond orders and formal charges of one molecule (RDKit)
+# ----------------------------------------------------------------------------------------------
+
+_BOND_TYPE_NAMES = {BOND_SINGLE: "SINGLE", BOND_DOUBLE: "DOUBLE", BOND_TRIPLE: "TRIPLE", BOND_AROMATIC: "AROMATIC"}
+
+
+def _formula(z: Sequence[int]) -> str:
+    """Hill-style formula text of atomic numbers (for messages)."""
+    counts: dict[str, int] = {}
+    for v in z:
+        sym = element_symbol(int(v))
+        counts[sym] = counts.get(sym, 0) + 1
+    order = [k for k in ("C", "H") if k in counts] + sorted(k for k in counts if k not in ("C", "H"))
+    return "".join(f"{k}{counts[k] if counts[k] > 1 else ''}" for k in order)
+
+
+def _graph_mol(z: np.ndarray, bond_types: np.ndarray, explicit_h: bool, use_orders: bool):
+    """Unsanitised RDKit molecule of a bond matrix; atom ``k`` is atom ``k`` of the input.
+
+    ``use_orders=False`` makes every bond single (connectivity only). With ``explicit_h`` every atom
+    is flagged ``NoImplicit`` (all hydrogens are atoms of the input), else RDKit may add implicit H.
+    """
+    from rdkit import Chem
+
+    rw = Chem.RWMol()
+    for v in z:
+        a = Chem.Atom(int(v))
+        a.SetNoImplicit(bool(explicit_h))
+        rw.AddAtom(a)
+    ii, jj = np.nonzero(np.triu(bond_types, 1))
+    for i, j in zip(ii.tolist(), jj.tolist()):
+        code = int(bond_types[i, j]) if use_orders else BOND_SINGLE
+        rw.AddBond(i, j, getattr(Chem.BondType, _BOND_TYPE_NAMES[code]))
+        if code == BOND_AROMATIC:
+            rw.GetBondBetweenAtoms(i, j).SetIsAromatic(True)
+            rw.GetAtomWithIdx(i).SetIsAromatic(True)
+            rw.GetAtomWithIdx(j).SetIsAromatic(True)
+    return rw.GetMol()
+
+
+def _sanitize_error(mol) -> str | None:
+    """None if RDKit sanitises ``mol`` (in place), else RDKit's message."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        Chem.SanitizeMol(mol)
+    except Exception as exc:  # noqa: BLE001 - RDKit's sanitisation errors have no common base
+        return str(exc).strip() or type(exc).__name__
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    return None
+
+
+def _perceive_orders(z: np.ndarray, conn: np.ndarray, positions: np.ndarray, charge: int, origin: str):
+    """Bond orders and formal charges of the connectivity ``conn`` from one geometry with RDKit's
+    ``rdDetermineBonds.DetermineBondOrders(mol, charge=charge)`` (xyz2mol); InputError if it fails."""
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem import rdDetermineBonds
+    from rdkit.Geometry import Point3D
+
+    mol = _graph_mol(z, conn, explicit_h=True, use_orders=False)
+    conf = Chem.Conformer(len(z))
+    for k, p in enumerate(np.asarray(positions, dtype=np.float64)):
+        conf.SetAtomPosition(k, Point3D(float(p[0]), float(p[1]), float(p[2])))
+    conf.Set3D(True)
+    mol.AddConformer(conf, assignId=True)
+    advice = ("give the bond orders ('bond_orders' with 'bonds' as (M, 2) pairs, or 'bonds' as (M, 3) "
+              "rows) or a 'smiles' template, and 'charge' if the molecule is charged")
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        rdDetermineBonds.DetermineBondOrders(mol, charge=int(charge), embedChiral=False)
+    except Exception as exc:  # noqa: BLE001 - RDKit raises ValueError / RuntimeError variants
+        raise InputError(f"{origin}: bond-order perception failed on frame 0 (RDKit DetermineBondOrders, "
+                         f"total charge {int(charge)}): {str(exc).strip()}. Bond orders and charges are "
+                         f"never guessed; {advice}") from None
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    radicals = [a.GetIdx() for a in mol.GetAtoms() if a.GetNumRadicalElectrons()]
+    if radicals:
+        raise InputError(f"{origin}: bond-order perception on frame 0 (RDKit DetermineBondOrders, total "
+                         f"charge {int(charge)}) left unpaired electrons on atom(s) {radicals[:10]}; {advice}")
+    err = _sanitize_error(mol)
+    if err is not None:
+        raise InputError(f"{origin}: RDKit cannot sanitise the perceived molecule ({err}); {advice}")
+    return mol
+
+
+def _match_smiles(smiles: str, z: np.ndarray, conn: np.ndarray, explicit_h: bool, origin: str):
+    """The molecule of ``smiles`` (with hydrogens as atoms when ``explicit_h``) and the map from its
+    atoms to the input's: ``(template, match)`` with ``match[k]`` = input atom of template atom ``k``.
+
+    Raises:
+        InputError: unparseable SMILES, different elements/atom count, or a bond graph that differs
+            from ``conn``.
+    """
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        tmpl = Chem.MolFromSmiles(smiles)
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    if tmpl is None:
+        raise InputError(f"{origin}: field 'smiles' {smiles!r} cannot be parsed/sanitised by RDKit")
+    if explicit_h:
+        tmpl = Chem.AddHs(tmpl)
+    tz = [a.GetAtomicNum() for a in tmpl.GetAtoms()]
+    if sorted(tz) != sorted(int(v) for v in z):
+        hint = "" if explicit_h else " (the file has no hydrogens, so the SMILES is read with implicit ones)"
+        raise InputError(f"{origin}: field 'smiles' {smiles!r} does not match the atoms: the SMILES has "
+                         f"{_formula(tz)} ({len(tz)} atoms), the file {_formula(z)} ({len(z)} atoms){hint}")
+    n_bonds = int(np.count_nonzero(np.triu(conn, 1)))
+    query = Chem.RWMol(tmpl)
+    for a in query.GetAtoms():
+        a.SetFormalCharge(0)
+        a.SetIsAromatic(False)
+        a.SetNumRadicalElectrons(0)
+        a.SetIsotope(0)
+    for b in query.GetBonds():
+        b.SetBondType(Chem.BondType.SINGLE)
+        b.SetIsAromatic(False)
+    target = _graph_mol(z, conn, explicit_h=explicit_h, use_orders=False)
+    target.UpdatePropertyCache(strict=False)
+    query = query.GetMol()
+    query.UpdatePropertyCache(strict=False)
+    match = target.GetSubstructMatch(query) if tmpl.GetNumBonds() == n_bonds else ()
+    if len(match) != len(z):
+        raise InputError(f"{origin}: field 'smiles' {smiles!r} does not match the connectivity of the file "
+                         f"({tmpl.GetNumBonds()} bonds in the SMILES, {n_bonds} in the file, and no "
+                         f"atom-to-atom match of the two bond graphs)")
+    return tmpl, match
+
+
+def resolve_bond_orders(
+    positions: np.ndarray,
+    atomic_numbers: np.ndarray,
+    bond_types: np.ndarray | None = None,
+    *,
+    explicit_orders: bool = False,
+    smiles: str = "",
+    charge: int | None = None,
+    formal_charges: np.ndarray | None = None,
+    origin: str = "molecule",
+) -> dict[str, Any]:
+    """Bond orders, formal charges and a SMILES of one molecule given as coordinates (RDKit).
+
+    The bond orders come from, in this order of precedence:
+
+    1. ``explicit_orders``: the codes of ``bond_types`` as given (``"explicit"``);
+    2. a ``smiles`` template, matched onto the connectivity atom by atom (RDKit
+       ``AllChem.AssignBondOrdersFromTemplate``; ``"smiles"``);
+    3. perception from ``positions`` (RDKit ``rdDetermineBonds.DetermineBondOrders(mol, charge)``,
+       the xyz2mol algorithm; ``"perceived"``), which needs every hydrogen as an atom.
+
+    The connectivity is ``bond_types > 0`` or, when ``bond_types`` is None, perceived from
+    ``positions`` (:func:`perceive_bonds`). Formal charges are never guessed: they come from
+    ``formal_charges``, else the SMILES, else the perception (which places them consistently with
+    ``charge``). With explicit orders and neither, all atoms are neutral if RDKit accepts the
+    valences so; otherwise the perceived charges are taken if they make the explicit orders valid,
+    and an :class:`~qmanifold.errors.InputError` is raised if not. A file without hydrogen atoms is
+    read with implicit hydrogens (heavy-atom-only data); its orders must then be explicit or come
+    from a SMILES. Aromaticity follows RDKit's model after sanitisation (aromatic bonds -> code 4),
+    as for QM9.
+
+    Args:
+        positions: ``(N, 3)`` coordinates of one frame, Å.
+        atomic_numbers: ``(N,)``.
+        bond_types: ``(N, N)`` bond codes (0 none, 1..4), or None to perceive the connectivity.
+        explicit_orders: the codes of ``bond_types`` are bond orders given by the user (not
+            connectivity only).
+        smiles: optional SMILES of the molecule ("" = none).
+        charge: total charge; None = not given (0 for the perception, the SMILES's or
+            ``formal_charges``' sum otherwise). When given it must equal the sum of the formal charges.
+        formal_charges: optional ``(N,)`` integer formal charges.
+        origin: name used in error messages (the file).
+
+    Returns:
+        A dict: ``bond_types`` ``(N, N)`` int64 (connectivity unchanged, orders resolved),
+        ``formal_charges`` ``(N,)`` int64, ``charge`` (int), ``smiles`` (the given SMILES if it
+        describes the resolved molecule -- same graph, orders and charges -- else RDKit's canonical
+        SMILES, hydrogens implicit, stereo from ``positions``), ``bond_orders``
+        (``"explicit"``/``"smiles"``/``"perceived"``), ``charges`` (where the formal charges came
+        from) and ``description`` (one human-readable line).
+
+    Raises:
+        InputError: perception failed (the message says so and asks for ``bond_orders`` or
+            ``smiles``), a SMILES that does not match the atoms or connectivity, charges that
+            contradict ``charge`` or the bond orders, or a file without hydrogens and no orders.
+        ImportError: RDKit is not installed.
+    """
+    Chem = _require_rdkit("bond-order resolution")
+    from rdkit.Chem import AllChem
+    from rdkit.Geometry import Point3D
+
+    z = np.asarray(atomic_numbers, dtype=np.int64)
+    pos = np.asarray(positions, dtype=np.float64)
+    n = z.shape[0]
+    explicit_h = bool(np.any(z == 1))
+    if bond_types is None:
+        pairs = perceive_bonds(pos, z)
+        conn = np.zeros((n, n), dtype=np.int64)
+        conn[pairs[:, 0], pairs[:, 1]] = conn[pairs[:, 1], pairs[:, 0]] = BOND_SINGLE
+        conn_text = "connectivity perceived from frame 0 (RDKit DetermineConnectivity)"
+        if explicit_orders:
+            raise ValueError("explicit_orders needs bond_types")
+    else:
+        conn = np.asarray(bond_types, dtype=np.int64)
+        conn_text = "connectivity from the file's 'bonds'"
+    fc = None
+    if formal_charges is not None:
+        fc = np.asarray(formal_charges)
+        if fc.shape != (n,) or fc.dtype.kind not in "iuf" or not np.all(np.isfinite(fc)) \
+                or np.any(fc != np.round(fc)) or np.any(np.abs(fc) > 8):
+            raise InputError(f"{origin}: field 'formal_charges' must hold ({n},) integers (one per atom, "
+                             f"|q| <= 8), got dtype {fc.dtype} shape {fc.shape}")
+        fc = fc.astype(np.int64)
+    if charge is not None:
+        c = np.asarray(charge)
+        cv = float(c.reshape(-1)[0]) if c.size == 1 and c.dtype.kind in "iuf" else float("nan")
+        if not np.isfinite(cv) or cv != round(cv):
+            raise InputError(f"{origin}: field 'charge' must be one integer (the total charge), got {charge!r}")
+        charge = round(cv)
+    if fc is not None and charge is not None and int(fc.sum()) != charge:
+        raise InputError(f"{origin}: the formal charges sum to {int(fc.sum())} but 'charge' is {charge}")
+
+    def set_charges(mol, q) -> None:
+        for k, a in enumerate(mol.GetAtoms()):
+            a.SetFormalCharge(int(q[k]))
+
+    if explicit_orders:
+        mol = _graph_mol(z, conn, explicit_h=explicit_h, use_orders=True)
+        source = "explicit"
+        orders_text = "bond orders from the file"
+        if fc is not None:
+            set_charges(mol, fc)
+            charges_text = "file 'formal_charges'"
+        elif smiles:
+            tmpl, match = _match_smiles(smiles, z, conn, explicit_h, origin)
+            q = np.zeros(n, dtype=np.int64)
+            for k, t in enumerate(match):
+                q[t] = tmpl.GetAtomWithIdx(k).GetFormalCharge()
+            set_charges(mol, q)
+            charges_text = "the SMILES"
+        else:
+            charges_text = "none (every atom neutral)"
+        err = _sanitize_error(mol)
+        if err is not None and fc is None and not smiles and explicit_h:
+            # the orders imply charged atoms: take RDKit's perceived charges if they fit these orders
+            try:
+                perceived = _perceive_orders(z, conn, pos, 0 if charge is None else charge, origin)
+            except InputError:
+                perceived = None
+            if perceived is not None:
+                q = np.array([a.GetFormalCharge() for a in perceived.GetAtoms()], dtype=np.int64)
+                trial = _graph_mol(z, conn, explicit_h=explicit_h, use_orders=True)
+                set_charges(trial, q)
+                if _sanitize_error(trial) is None:
+                    mol, err = trial, None
+                    charges_text = "perceived from frame 0 (RDKit DetermineBondOrders; they fit the file's orders)"
+        if err is not None:
+            raise InputError(f"{origin}: the file's bond orders with formal charges from {charges_text} are "
+                             f"not a valid molecule for RDKit ({err}); formal charges are never guessed: give "
+                             f"'formal_charges' ((N,) integers) or a 'smiles' with the charges")
+    elif smiles:
+        tmpl, _ = _match_smiles(smiles, z, conn, explicit_h, origin)
+        target = _graph_mol(z, conn, explicit_h=explicit_h, use_orders=False)
+        from rdkit import RDLogger
+
+        RDLogger.DisableLog("rdApp.*")
+        try:
+            mol = AllChem.AssignBondOrdersFromTemplate(tmpl, target)
+        except Exception as exc:  # noqa: BLE001 - ValueError("No matching found") or a sanitisation error
+            raise InputError(f"{origin}: RDKit cannot assign the bond orders of field 'smiles' {smiles!r} to "
+                             f"the file's connectivity ({str(exc).strip()})") from None
+        finally:
+            RDLogger.EnableLog("rdApp.*")
+        mol = Chem.Mol(mol)
+        err = _sanitize_error(mol)
+        if err is not None:
+            raise InputError(f"{origin}: the bond orders of field 'smiles' {smiles!r} on the file's connectivity "
+                             f"are not a valid molecule for RDKit ({err})")
+        source = "smiles"
+        orders_text = "bond orders from the SMILES template (RDKit AssignBondOrdersFromTemplate)"
+        charges_text = "the SMILES"
+        if fc is not None:
+            set_charges(mol, fc)
+            charges_text = "file 'formal_charges'"
+            err = _sanitize_error(mol)
+            if err is not None:
+                raise InputError(f"{origin}: the file's 'formal_charges' contradict the bond orders of the "
+                                 f"SMILES {smiles!r} ({err})")
+    else:
+        if not explicit_h:
+            raise InputError(f"{origin}: the file has no hydrogen atoms, so bond orders cannot be perceived "
+                             f"from the geometry (RDKit DetermineBondOrders needs every hydrogen); for "
+                             f"heavy-atom-only data give 'bond_orders' (with 'bonds' as (M, 2) pairs), 'bonds' "
+                             f"as (M, 3) rows or an (N, N) matrix with the orders, or a 'smiles'")
+        q_total = charge if charge is not None else (int(fc.sum()) if fc is not None else 0)
+        mol = _perceive_orders(z, conn, pos, q_total, origin)
+        source = "perceived"
+        orders_text = f"bond orders perceived from frame 0 (RDKit DetermineBondOrders, total charge {q_total})"
+        charges_text = "the perception"
+        if fc is not None:
+            got = np.array([a.GetFormalCharge() for a in mol.GetAtoms()], dtype=np.int64)
+            if not np.array_equal(got, fc):
+                bad = np.nonzero(got != fc)[0]
+                raise InputError(f"{origin}: the bond orders perceived from frame 0 put formal charges "
+                                 f"{got[bad][:10].tolist()} on atom(s) {bad[:10].tolist()}, but 'formal_charges' "
+                                 f"says {fc[bad][:10].tolist()}; give 'bond_orders' or a 'smiles' to fix the "
+                                 f"bond orders")
+            charges_text = "file 'formal_charges' (the perception agrees)"
+
+    q = np.array([a.GetFormalCharge() for a in mol.GetAtoms()], dtype=np.int64)
+    total = int(q.sum())
+    if charge is not None and total != charge:
+        raise InputError(f"{origin}: the formal charges (from {charges_text}) sum to {total} but 'charge' is "
+                         f"{charge}")
+    out_codes = np.zeros((n, n), dtype=np.int64)
+    for b in mol.GetBonds():
+        i, j = b.GetBeginAtomIdx(), b.GetEndAtomIdx()
+        out_codes[i, j] = out_codes[j, i] = _rdkit_bond_code(b)
+    if not np.array_equal(out_codes > 0, conn > 0) or np.any(out_codes[conn > 0] == 0):
+        raise InputError(f"{origin}: bond-order resolution changed the connectivity or produced an unsupported "
+                         f"bond type (internal check)")
+    # the SMILES stored with the data: the user's if it is this molecule, else the canonical one
+    stereo_mol = Chem.Mol(mol)
+    conf = Chem.Conformer(n)
+    for k, p in enumerate(pos):
+        conf.SetAtomPosition(k, Point3D(float(p[0]), float(p[1]), float(p[2])))
+    conf.Set3D(True)
+    stereo_mol.RemoveAllConformers()
+    stereo_mol.AddConformer(conf, assignId=True)
+    Chem.AssignStereochemistryFrom3D(stereo_mol)
+    canonical = Chem.MolToSmiles(Chem.RemoveHs(stereo_mol))
+    out_smiles = canonical
+    if smiles:
+        ref = Chem.MolFromSmiles(smiles)
+        flat = Chem.MolToSmiles(Chem.RemoveHs(mol), isomericSmiles=False)
+        if ref is not None and Chem.MolToSmiles(ref, isomericSmiles=False) == flat:
+            out_smiles = smiles
+    description = f"{conn_text}; {orders_text}; formal charges from {charges_text}; total charge {total}"
+    return {"bond_types": out_codes, "formal_charges": q, "charge": total, "smiles": out_smiles,
+            "bond_orders": source, "charges": charges_text, "description": description}
+
+
+# ----------------------------------------------------------------------------------------------
 # User data: .npz conformer ensembles
 # ----------------------------------------------------------------------------------------------
 
 
-def _bonds_from_field(bonds: np.ndarray, n: int, origin: str) -> np.ndarray:
-    """Dense ``(N, N)`` bond matrix from the ``bonds`` field of an ensemble file.
+def _bond_order_codes(values: np.ndarray, origin: str, field: str) -> np.ndarray:
+    """Bond codes 1..4 from user orders (1, 2, 3, 4 or 1.5 = aromatic); InputError otherwise."""
+    order = np.asarray(values, dtype=np.float64).copy()
+    if not np.all(np.isfinite(order)):
+        raise InputError(f"{origin}: field {field!r} contains NaN or infinite bond orders")
+    order[order == 1.5] = BOND_AROMATIC
+    if np.any((order != np.round(order)) | (order < 1) | (order > BOND_AROMATIC)):
+        raise InputError(f"{origin}: field {field!r} orders must be 1, 2, 3, 4 (aromatic) or 1.5 "
+                         f"(aromatic), got {sorted(set(np.asarray(values, dtype=np.float64).tolist()))}")
+    return order.astype(np.int64)
+
+
+def _bonds_from_field(bonds: np.ndarray, n: int, origin: str,
+                      bond_orders: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """Dense ``(N, N)`` bond matrix from the ``bonds`` (and ``bond_orders``) fields of an ensemble file.
 
     Accepted layouts: ``(N, N)`` symmetric matrix with a zero diagonal (entries 0..4);
-    ``(M, 2)`` integer pairs (all single); ``(M, 3)`` rows ``(i, j, order)`` with order in
-    1, 2, 3, 4 (or 1.5 for aromatic). A square array that is symmetric with a zero diagonal is
-    read as a matrix, which is unambiguous because a ``(3, 3)`` pair list of that form would
-    contain a bond of order 0.
+    ``(M, 2)`` integer pairs, with their orders in ``bond_orders`` ``(M,)`` or else connectivity
+    only (coded single); ``(M, 3)`` rows ``(i, j, order)`` with order in 1, 2, 3, 4 (or 1.5 for
+    aromatic). A square array that is symmetric with a zero diagonal is read as a matrix, which is
+    unambiguous because a ``(3, 3)`` pair list of that form would contain a bond of order 0.
+
+    Returns:
+        ``(matrix, explicit)``: the ``(N, N)`` int64 codes and whether they carry bond orders given
+        by the user (``(M, 3)`` rows, ``bond_orders``, or a matrix with a code > 1) rather than
+        connectivity only.
     """
     b = np.asarray(bonds)
     if b.dtype == object or not (np.issubdtype(b.dtype, np.integer) or np.issubdtype(b.dtype, np.floating)
@@ -150,7 +516,11 @@ def _bonds_from_field(bonds: np.ndarray, n: int, origin: str) -> np.ndarray:
         if np.any((bf != np.round(bf)) | (bf < 0) | (bf >= NUM_BOND_TYPES)):
             raise InputError(f"{origin}: field 'bonds' as an (N, N) matrix must hold integers 0..4 "
                              f"(0 none, 1 single, 2 double, 3 triple, 4 aromatic)")
-        return bf.astype(np.int64)
+        if bond_orders is not None:
+            raise InputError(f"{origin}: field 'bond_orders' goes with 'bonds' as (M, 2) pairs; here "
+                             f"'bonds' is an ({n}, {n}) matrix that already holds the orders")
+        mat = bf.astype(np.int64)
+        return mat, bool(np.any(mat > BOND_SINGLE))
     if b.shape[1] not in (2, 3):
         raise InputError(f"{origin}: field 'bonds' has shape {b.shape}; expected (M, 2) pairs, (M, 3) "
                          f"(i, j, order) rows or an ({n}, {n}) symmetric matrix with zero diagonal")
@@ -164,21 +534,28 @@ def _bonds_from_field(bonds: np.ndarray, n: int, origin: str) -> np.ndarray:
     if np.any(ij[:, 0] == ij[:, 1]):
         raise InputError(f"{origin}: field 'bonds' contains a self bond (i == j)")
     if b.shape[1] == 3:
-        order = bf[:, 2].copy()
-        order[order == 1.5] = BOND_AROMATIC
-        if np.any((order != np.round(order)) | (order < 1) | (order > BOND_AROMATIC)):
-            raise InputError(f"{origin}: field 'bonds' orders must be 1, 2, 3, 4 (aromatic) or 1.5 "
-                             f"(aromatic), got {sorted(set(bf[:, 2].tolist()))}")
-        order = order.astype(np.int64)
+        if bond_orders is not None:
+            raise InputError(f"{origin}: field 'bond_orders' goes with 'bonds' as (M, 2) pairs; here "
+                             f"'bonds' has (i, j, order) rows that already hold the orders")
+        order = _bond_order_codes(bf[:, 2], origin, "bonds")
+        explicit = True
+    elif bond_orders is not None:
+        bo = np.asarray(bond_orders)
+        if bo.dtype.kind not in "iuf" or bo.ndim != 1 or bo.shape[0] != len(ij):
+            raise InputError(f"{origin}: field 'bond_orders' must be a numeric ({len(ij)},) array, one "
+                             f"order per row of 'bonds'; got dtype {bo.dtype} shape {bo.shape}")
+        order = _bond_order_codes(bo, origin, "bond_orders")
+        explicit = True
     else:
         order = np.ones(len(ij), dtype=np.int64)
+        explicit = False
     mat = np.zeros((n, n), dtype=np.int64)
     lo, hi = np.minimum(ij[:, 0], ij[:, 1]), np.maximum(ij[:, 0], ij[:, 1])
     if len(np.unique(lo * n + hi)) != len(lo):
         raise InputError(f"{origin}: field 'bonds' lists the same atom pair twice")
     mat[lo, hi] = order
     mat[hi, lo] = order
-    return mat
+    return mat, explicit
 
 
 def load_npz_ensemble(
@@ -193,11 +570,33 @@ def load_npz_ensemble(
 
     * ``positions`` (required): ``(F, N, 3)`` float, Å (a single ``(N, 3)`` frame is accepted);
     * ``atomic_numbers`` (required): ``(N,)`` integers;
-    * ``bonds`` (optional): ``(M, 2)`` int pairs (single bonds), ``(M, 3)`` rows
+    * ``bonds`` (optional): ``(M, 2)`` int pairs (connectivity), ``(M, 3)`` rows
       ``(i, j, order)`` or an ``(N, N)`` symmetric matrix (bond codes as in
-      :mod:`qmanifold.models.data.dataset`). Absent: connectivity is perceived from the first frame with RDKit
-      (:func:`perceive_bonds`, all bonds single);
-    * ``smiles`` (optional): a string stored with every frame.
+      :mod:`qmanifold.models.data.dataset`). Absent: connectivity is perceived from the first frame
+      with RDKit (:func:`perceive_bonds`);
+    * ``bond_orders`` (optional): ``(M,)`` orders 1, 2, 3, 4 (aromatic; 1.5 also accepted) of the
+      ``(M, 2)`` pairs of ``bonds``;
+    * ``smiles`` (optional): the molecule's SMILES, a template for the bond orders;
+    * ``charge`` (optional): total charge, an integer (default 0 for the perception);
+    * ``formal_charges`` (optional): ``(N,)`` integer formal charges.
+
+    Bond orders and formal charges are resolved once, on the first frame of the full molecule
+    (before any hydrogen removal), by :func:`resolve_bond_orders`: explicit orders (``(M, 3)``
+    rows, ``bond_orders``, or a matrix with a code > 1) > the ``smiles`` template > perception
+    from frame 0 (RDKit ``DetermineBondOrders`` with ``charge``). Charges are never guessed.
+    Which source was used is recorded in ``metadata["bonds"]`` (a sentence) and
+    ``metadata["bond_orders"]`` (``"explicit"``, ``"smiles"`` or ``"perceived"``), with
+    ``metadata["charges"]``, ``metadata["charge"]`` and ``metadata["formal_charges"]``. Every
+    frame's ``smiles`` is the given SMILES if it describes the resolved molecule, else RDKit's
+    canonical SMILES of it (hydrogens implicit, stereo of frame 0; the given one is kept in
+    ``metadata["smiles_input"]``), so the SDF writer (:func:`qmanifold.models.sampling.template_mol`)
+    takes the formal charges from it. Bond codes follow RDKit's aromaticity model (aromatic
+    bonds -> 4), as for QM9.
+
+    Args:
+        path: the ``.npz`` file.
+        elements: supported atomic numbers (``atom_types`` index into them).
+        heavy_atoms_only: drop hydrogens (after the bond orders are resolved with them).
 
     Returns:
         A :class:`MoleculeDataset` with ``F`` items, one per frame, ``index`` = frame number,
@@ -207,7 +606,10 @@ def load_npz_ensemble(
         FileNotFoundError: the file does not exist.
         InputError: not a valid ``.npz`` (:func:`~qmanifold.models.data.dataset.read_npz`), a
             missing or malformed field (named in the message),
-            NaN/infinite coordinates, atom count mismatch, or an element not in ``elements``.
+            NaN/infinite coordinates, atom count mismatch, an element not in ``elements``, bond
+            orders that cannot be perceived (the message asks for ``bond_orders`` or ``smiles``),
+            a SMILES that does not match the atoms/connectivity, or inconsistent charges.
+        ImportError: RDKit is not installed and the bond orders are not all explicit.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -251,21 +653,38 @@ def load_npz_ensemble(
         atoms = np.nonzero(np.isin(z, unknown))[0]
         raise InputError(f"{path}: field 'atomic_numbers' has unknown element(s) {names} at atom(s) "
                          f"{atoms[:10].tolist()}; supported elements: {_element_list_text(els)}")
+    if "bond_orders" in data and "bonds" not in data:
+        raise InputError(f"{path}: field 'bond_orders' needs 'bonds' as (M, 2) atom pairs (one order per pair)")
+    bonds, explicit = None, False
     if "bonds" in data:
-        bonds = _bonds_from_field(data["bonds"], n, f"{path}")
-        bond_source = "file"
-    else:
-        pairs = perceive_bonds(pos[0], z)
-        bonds = np.zeros((n, n), dtype=np.int64)
-        bonds[pairs[:, 0], pairs[:, 1]] = BOND_SINGLE
-        bonds[pairs[:, 1], pairs[:, 0]] = BOND_SINGLE
-        bond_source = "rdkit DetermineConnectivity (frame 0, single bonds)"
+        bonds, explicit = _bonds_from_field(data["bonds"], n, f"{path}", data.get("bond_orders"))
     smiles = ""
     if "smiles" in data:
         s = np.asarray(data["smiles"])
         if s.ndim != 0 or s.dtype.kind not in "US":
             raise InputError(f"{path}: field 'smiles' must be a single string, got dtype {s.dtype} shape {s.shape}")
-        smiles = str(s.item().decode() if isinstance(s.item(), bytes) else s.item())
+        smiles = str(s.item().decode() if isinstance(s.item(), bytes) else s.item()).strip()
+    metadata: dict[str, Any] = {"kind": "npz-ensemble"}
+    try:
+        _require_rdkit("bond-order resolution")
+        have_rdkit = True
+    except ImportError:
+        if not explicit:
+            raise
+        have_rdkit = False
+    if have_rdkit:
+        res = resolve_bond_orders(pos[0], z, bonds, explicit_orders=explicit, smiles=smiles,
+                                  charge=data.get("charge"), formal_charges=data.get("formal_charges"),
+                                  origin=path)
+        bonds = res["bond_types"]
+        if smiles and res["smiles"] != smiles:
+            metadata["smiles_input"] = smiles
+        smiles = res["smiles"]
+        metadata.update(bonds=res["description"], bond_orders=res["bond_orders"], charges=res["charges"],
+                        charge=res["charge"], formal_charges=res["formal_charges"].tolist())
+    else:  # explicit orders without RDKit: used as given; charges and SMILES cannot be resolved
+        metadata.update(bonds="connectivity and bond orders from the file's 'bonds' (formal charges not "
+                              "resolved: RDKit is not installed)", bond_orders="explicit")
     pairs, orders = bonds_to_pairs(bonds)
     f_count = pos.shape[0]
     return MoleculeDataset(
@@ -278,7 +697,7 @@ def load_npz_ensemble(
         indices=np.arange(f_count, dtype=np.int64),
         smiles=[smiles] * f_count,
         elements=els, heavy_atoms_only=heavy_atoms_only,
-        source=path, metadata={"kind": "npz-ensemble", "bonds": bond_source},
+        source=path, metadata=metadata,
     )
 
 
@@ -288,6 +707,10 @@ def save_npz_ensemble(
     atomic_numbers: np.ndarray,
     bonds: np.ndarray | None = None,
     smiles: str | None = None,
+    *,
+    bond_orders: np.ndarray | None = None,
+    charge: int | None = None,
+    formal_charges: np.ndarray | None = None,
 ) -> None:
     """Write an ensemble file readable by :func:`load_npz_ensemble` (atomically).
 
@@ -297,13 +720,27 @@ def save_npz_ensemble(
         atomic_numbers: ``(N,)``.
         bonds: optional ``(M, 2)``, ``(M, 3)`` or ``(N, N)`` bond description.
         smiles: optional SMILES string.
+        bond_orders: optional ``(M,)`` orders of ``(M, 2)`` ``bonds`` (1, 2, 3, 4 = aromatic).
+        charge: optional total charge (int).
+        formal_charges: optional ``(N,)`` integer formal charges.
+
+    Raises:
+        ValueError: ``bond_orders`` without ``bonds``.
     """
     arrays = {"positions": np.asarray(positions, dtype=np.float32),
               "atomic_numbers": np.asarray(atomic_numbers, dtype=np.int64)}
     if bonds is not None:
         arrays["bonds"] = np.asarray(bonds)
+    if bond_orders is not None:
+        if bonds is None:
+            raise ValueError("bond_orders needs bonds as (M, 2) atom pairs")
+        arrays["bond_orders"] = np.asarray(bond_orders)
     if smiles is not None:
         arrays["smiles"] = np.asarray(str(smiles))
+    if charge is not None:
+        arrays["charge"] = np.asarray(int(charge), dtype=np.int64)
+    if formal_charges is not None:
+        arrays["formal_charges"] = np.asarray(formal_charges, dtype=np.int64)
     atomic_savez(path, arrays, compressed=True)
 
 

@@ -76,7 +76,7 @@ def test_benchmark_command_end_to_end(tiny_chiral_checkpoint, tmp_path, capsys):
     assert main(argv) == 0
     table = capsys.readouterr().out
     res = json.loads(out.read_text())
-    names = {"model", "etkdg-k2", "etkdg+mmff-k2", "etkdg-k3", "etkdg+mmff-k3"}
+    names = {"model", "model+mmff", "etkdg-k2", "etkdg+mmff-k2", "etkdg-k3", "etkdg+mmff-k3"}
     assert set(res["methods"]) == names
     assert res["num_molecules"] == 3 and len(res["molecules"]) == 3 and res["config"]["heavy_atoms_only"] is True
     for name in names:
@@ -100,10 +100,22 @@ def test_benchmark_command_end_to_end(tiny_chiral_checkpoint, tmp_path, capsys):
         assert mmff["stereo"]["correct"] == 1.0
     # an untrained 3-step model is far worse than ETKDG+MMFF
     assert res["methods"]["model"]["geometry"]["bond_length_w1"] > mmff["geometry"]["bond_length_w1"]
+    # MMFF94 on the (untrained, 3-step) model's samples improves their local geometry
+    refined = res["methods"]["model+mmff"]
+    assert refined["geometry"]["bond_length_w1"] < res["methods"]["model"]["geometry"]["bond_length_w1"]
+    assert refined["stats"]["mmff_missing_params"] == 0 and "stereo_redrawn" in refined["stats"]
     # the JSON output is refused when it exists (no --overwrite), exit 2 with one error line
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--overwrite" in err
+    # two worker processes for the baselines give the same conformers (seeded per molecule)
+    out2 = tmp_path / "bench2.json"
+    argv2 = [a if a != str(out) else str(out2) for a in argv] + ["--workers", "2", "--no-refine"]
+    assert main(argv2) == 0
+    res2 = json.loads(out2.read_text())
+    assert set(res2["methods"]) == names - {"model+mmff"} and res2["config"]["workers"] == 2
+    for name in names - {"model", "model+mmff"}:
+        assert res2["methods"][name]["rmsd"] == res["methods"][name]["rmsd"]
 
 
 def test_etkdg_embeds_the_reference_stereoisomer():

@@ -215,7 +215,8 @@ def test_evaluate_known_inputs(test_graphs, tmp_path):
     expect_p = np.mean([np.mean([r < 0.5 for r in m["rmsd"]]) for m in res["per_molecule"]])
     assert cov["COV-P"] == pytest.approx(expect_p)
     assert res["reference_connectivity_match"] == 1.0 and 0.4 <= res["connectivity_match"] <= 0.6
-    assert res["bond_length_w1"]["mean"] > 0 and res["method"] == {"qm_method": "known"}
+    assert res["bond_length_w1"]["mean"] > 0 and res["method"] == {
+        "qm_method": "known", "qm_hydrogens": "in the conformer (all-atom graph)", "qm_refine": "none"}
     files = plot_evaluation(res, tmp_path / "plots")
     assert {os.path.basename(f) for f in files} == {"rmsd_hist.png", "bond_lengths.png", "bond_angles.png"}
     assert all(Path(f).read_bytes()[:4] == b"\x89PNG" for f in files)
