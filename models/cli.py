@@ -97,7 +97,8 @@ def _add_train(sub) -> None:
     g.add_argument("--heads", type=positive_int, default=None, help="attention heads (transformer)")
     g.add_argument("--model-kwargs", default=None, help="JSON dict of further model constructor arguments")
     g.add_argument("--loss", default="quotient", help="quotient | conventional | af3_align | geodiff_align (default quotient)")
-    g.add_argument("--interpolant", default="linear", help="linear | vp_cosine | vp_linear | edm (default linear)")
+    g.add_argument("--interpolant", default="linear", help="linear | vp_cosine | vp_linear | edm | harmonic (ET-Flow's harmonic prior on the bond "
+                        "graph; needs --prediction v) (default linear)")
     g.add_argument("--prediction", default="x1", help="x1 | v (default x1)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random-rotation augmentation (default: on for the transformer, off for the EGNN)")
@@ -481,6 +482,7 @@ def _add_benchmark(sub) -> None:
     c.add_argument("--n-per-molecule", type=positive_int, default=2, help="model conformers per molecule (default 2)")
     c.add_argument("--etkdg-counts", type=positive_int, nargs="+", default=None,
                    help="ETKDG conformers per molecule, one run each (default: --n-per-molecule and 10)")
+    c.add_argument("--no-etkdg", action="store_true", help="the model rows only (model selection on validation data)")
     c.add_argument("--steps", type=positive_int, default=50, help="ODE steps of the model sampler (default 50)")
     c.add_argument("--stereo-retries", type=nonnegative_int, default=4,
                    help="redraws of model conformers that miss a requested stereo label (default 4, as in sample)")
@@ -515,7 +517,8 @@ def cmd_benchmark_conformers(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     res = run_benchmark(args.checkpoint, data=args.data, split=args.split, limit=args.limit,
-                        n_per_molecule=args.n_per_molecule, etkdg_counts=args.etkdg_counts, steps=args.steps,
+                        n_per_molecule=args.n_per_molecule, etkdg_counts=() if args.no_etkdg else args.etkdg_counts,
+                        steps=args.steps,
                         seed=args.seed, batch_size=args.batch_size, device=args.device, use_ema=not args.no_ema,
                         max_atoms=args.max_atoms, progress=not args.no_progress, stereo_retries=args.stereo_retries,
                         refine=not args.no_refine, workers=args.workers)

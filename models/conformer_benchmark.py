@@ -308,7 +308,7 @@ def run_benchmark(checkpoint: str, data: str = "qm9-edm", split: str = "test", l
     from qmanifold.models.sampling import mol_with_coordinates
     from qmanifold.models.training import diffusion_from_checkpoint, load_checkpoint, resolve_device
 
-    counts = list(dict.fromkeys(int(k) for k in (etkdg_counts or (n_per_molecule, 10))))
+    counts = list(dict.fromkeys(int(k) for k in ((n_per_molecule, 10) if etkdg_counts is None else etkdg_counts)))
     if any(k < 1 for k in counts):
         raise ValueError(f"--etkdg-counts must be positive, got {counts}")
     dev = resolve_device(device)

@@ -220,6 +220,8 @@ class TrainConfig:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {list(PREDICTIONS)}")
+        if self.interpolant == "harmonic" and self.prediction != "v":
+            raise ValueError("the harmonic prior (--interpolant harmonic) is a flow trained with --prediction v")
         for name in ("steps", "batch_size", "val_every", "ckpt_every", "log_every", "val_limit"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -461,13 +463,53 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+#: stiffness k of the harmonic prior in 1/Å^2: an isolated bond then has E|x_i - x_j|^2 ~ 3/k = (1.4 Å)^2
+HARMONIC_STIFFNESS = 1.5
+#: regulariser of the harmonic prior (spread 1/sqrt(reg) = 10 Å of disconnected fragments)
+HARMONIC_REG = 1e-2
+
+
+class BondGraphHarmonicPrior:
+    """The harmonic prior of :class:`qmanifold.schedules.HarmonicPrior` on the *covalent* bond graph:
+    bond codes 1..4 only (stereo-aware models also carry cis/trans pair codes, which are not bonds)."""
+
+    def __init__(self, stiffness: float = HARMONIC_STIFFNESS, reg: float = HARMONIC_REG) -> None:
+        from qmanifold.schedules import HarmonicPrior
+
+        self.base = HarmonicPrior(stiffness, reg, dim=3)
+
+    def sample(self, bonds: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               **kwargs: Any) -> torch.Tensor:
+        if bonds is None:
+            raise ValueError("the harmonic prior needs bond_types (the molecular graph)")
+        covalent = (bonds >= 1) & (bonds <= 4)
+        return self.base.sample(covalent, mask, generator, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"BondGraphHarmonicPrior(stiffness={self.base.stiffness}, reg={self.base.reg})"
+
+
+def make_molecular_interpolant(name: str):
+    """The interpolant of a name: a registered Gaussian-prior one (``linear``, ``vp_cosine``, ...) or
+    ``harmonic``: ``x_t = (1 - t) x_0 + t x_1`` with ``x_0`` from :class:`BondGraphHarmonicPrior` (ET-Flow's
+    prior; velocity prediction)."""
+    if name != "harmonic":
+        return name
+    from qmanifold.schedules import GeneralInterpolant
+
+    return GeneralInterpolant("1 - t", "t", prior=BondGraphHarmonicPrior(), name="harmonic")
+
+
 def build_diffusion(denoiser: nn.Module, loss: str, interpolant: str = "linear", prediction: str = "x1",
                     augment: bool = False):
-    """``QuotientDiffusion(Quotient(SE3), denoiser, ...)`` (molecules: rigid motions of R^3)."""
+    """``QuotientDiffusion(Quotient(SE3), denoiser, ...)`` (molecules: rigid motions of R^3).
+
+    ``interpolant="harmonic"`` is the harmonic-prior flow (:func:`make_molecular_interpolant`), trained
+    with ``prediction="v"``."""
     import qmanifold
     from qmanifold.groups import SE3
 
-    return qmanifold.QuotientDiffusion(qmanifold.Quotient(SE3), denoiser, interpolant=interpolant,
+    return qmanifold.QuotientDiffusion(qmanifold.Quotient(SE3), denoiser, interpolant=make_molecular_interpolant(interpolant),
                                        prediction=prediction, loss=loss, augment=augment)
 
 
