@@ -278,6 +278,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--stereo-retries", type=nonnegative_int, default=4,
                    help="redraw conformers that miss a requested stereocentre or E/Z bond up to K times "
                         "(stereo-aware models; default 4, 0 = off)")
+    p.add_argument("--no-stereo-repair", action="store_true",
+                   help="do not move stereocentres that are still wrong or flat after the redraws to their requested "
+                        "side (centres with three bonded neighbours; default: repair, counted in qm_stereo_repaired)")
     p.add_argument("--no-hydrogens", action="store_true",
                    help="write heavy-atom graphs without hydrogens (default: hydrogens placed from the heavy atoms, "
                         "RDKit AddHs addCoords; with --refine mmff they are relaxed too)")
@@ -330,7 +333,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     confs = sample_conformers(qd, graphs, args.n_per_molecule, steps=args.steps, sampler=args.sampler,
                               seed=args.seed, batch_size=args.batch_size, device=device,
                               progress=not args.no_progress, geometry=args.geometry,
-                              stereo_retries=args.stereo_retries, stats=stats)
+                              stereo_retries=args.stereo_retries, stereo_repair=not args.no_stereo_repair, stats=stats)
     complete = None
     if args.refine != "none":
         from qmanifold.models.refine import refine_conformers
@@ -349,7 +352,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
              "qm_sampler": args.sampler, "qm_geometry": geometry, "qm_steps": args.steps, "qm_seed": args.seed,
              "qm_ema": int(not args.no_ema and ckpt.get("ema_state_dict") is not None) or
              int(bool(ckpt.get("exported_from", {}).get("ema"))),
-             "qm_stereo_retries": args.stereo_retries}
+             "qm_stereo_retries": args.stereo_retries, "qm_stereo_repair": int(not args.no_stereo_repair)}
     if args.no_hydrogens and args.refine != "none":
         props["qm_refine"] = f"{args.refine} (with hydrogens placed; hydrogens not written)"
     records = make_records(graphs, confs, props, complete=complete, hydrogens=not args.no_hydrogens)
@@ -358,7 +361,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         write_xyz(args.xyz, records)
     extra = ""
     if stats.get("stereo_redrawn"):
-        extra += f", {stats['stereo_redrawn']} stereo redraw(s), {stats['stereo_wrong']} conformer(s) still off"
+        extra += (f", {stats['stereo_redrawn']} stereo redraw(s), {stats['stereo_repaired']} centre(s) repaired, "
+                  f"{stats['stereo_wrong']} conformer(s) still off")
     if stats.get("mmff_missing_params"):
         extra += f", {stats['mmff_missing_params']} without MMFF94 parameters (not refined)"
     print(f"[qmanifold] {len(records)} conformers of {len(graphs)} molecule(s) ({args.sampler}, {geometry} geometry, "
@@ -486,6 +490,8 @@ def _add_benchmark(sub) -> None:
     c.add_argument("--steps", type=positive_int, default=50, help="ODE steps of the model sampler (default 50)")
     c.add_argument("--stereo-retries", type=nonnegative_int, default=4,
                    help="redraws of model conformers that miss a requested stereo label (default 4, as in sample)")
+    c.add_argument("--no-stereo-repair", action="store_true",
+                   help="leave stereocentres that are still wrong after the redraws as sampled (as in sample)")
     c.add_argument("--no-refine", action="store_true", help="skip the model+mmff row")
     c.add_argument("--workers", type=positive_int, default=1,
                    help="processes for the ETKDG baselines (default 1; times stay per molecule and core)")
@@ -521,7 +527,7 @@ def cmd_benchmark_conformers(args: argparse.Namespace) -> int:
                         steps=args.steps,
                         seed=args.seed, batch_size=args.batch_size, device=args.device, use_ema=not args.no_ema,
                         max_atoms=args.max_atoms, progress=not args.no_progress, stereo_retries=args.stereo_retries,
-                        refine=not args.no_refine, workers=args.workers)
+                        refine=not args.no_refine, workers=args.workers, stereo_repair=not args.no_stereo_repair)
     print(format_table(res), end="")
     if args.json:
         write_json(args.json, res)

@@ -240,7 +240,8 @@ def geometry_summary(graphs: Sequence, conformers: Sequence[np.ndarray | None]) 
 
 
 def _model_conformers(qd, graphs, n: int, steps: int, seed: int, batch_size: int, device, progress: bool,
-                      stereo_retries: int = 0, stats: dict | None = None) -> tuple[list[np.ndarray | None], bool]:
+                      stereo_retries: int = 0, stats: dict | None = None, stereo_repair: bool = False
+                      ) -> tuple[list[np.ndarray | None], bool]:
     """Model conformers; if the batched run produces NaNs, each molecule is sampled on its own
     (seed ``seed + i``) and the ones that still fail are None. Returns ``(conformers, resampled)``;
     ``stats`` receives the stereo-redraw counters of :func:`~qmanifold.models.sampling.sample_conformers`."""
@@ -250,20 +251,21 @@ def _model_conformers(qd, graphs, n: int, steps: int, seed: int, batch_size: int
     try:
         return list(sample_conformers(qd, graphs, n, steps=steps, sampler="ode", seed=seed, batch_size=batch_size,
                                       device=device, progress=progress, stereo_retries=stereo_retries,
-                                      stats=stats)), False
+                                      stereo_repair=stereo_repair, stats=stats)), False
     except FloatingPointError:
         pass
     out: list[np.ndarray | None] = []
-    stats.update(stereo_redrawn=0, stereo_wrong=0)
+    stats.update(stereo_redrawn=0, stereo_wrong=0, stereo_repaired=0)
     for i, g in enumerate(graphs):
         one: dict = {}
         try:
             out.append(sample_conformers(qd, [g], n, steps=steps, sampler="ode", seed=seed + i,
                                          batch_size=batch_size, device=device, progress=False,
-                                         stereo_retries=stereo_retries, stats=one)[0])
+                                         stereo_retries=stereo_retries, stereo_repair=stereo_repair,
+                                         stats=one)[0])
         except FloatingPointError:
             out.append(None)
-        for k in ("stereo_redrawn", "stereo_wrong"):
+        for k in ("stereo_redrawn", "stereo_wrong", "stereo_repaired"):
             stats[k] += one.get(k, 0)
     return out, True
 
@@ -294,13 +296,15 @@ def run_benchmark(checkpoint: str, data: str = "qm9-edm", split: str = "test", l
                   n_per_molecule: int = 2, etkdg_counts: Sequence[int] | None = None, steps: int = 50,
                   seed: int = 0, batch_size: int = 64, device: str = "auto", use_ema: bool = True,
                   max_atoms: int | None = None, thresholds: Sequence[float] = THRESHOLDS,
-                  progress: bool = True, stereo_retries: int = 4, refine: bool = True, workers: int = 1) -> dict:
+                  progress: bool = True, stereo_retries: int = 4, refine: bool = True, workers: int = 1,
+                  stereo_repair: bool = True) -> dict:
     """Run the benchmark (module docstring) and return a JSON-serialisable dict.
 
     Result: ``{"config", "num_molecules", "order", "methods": {name: {"conformers_per_molecule",
     "rmsd": aggregate_rmsd(...), "stereo": stereo_summary(...), "geometry": geometry_summary(...),
     "time_per_molecule_s", "stats"}}}``; method names are ``model`` (the sampler's output, with up to
-    ``stereo_retries`` stereo redraws), ``model+mmff`` (the same conformers completed with hydrogens and
+    ``stereo_retries`` stereo redraws and, with ``stereo_repair``, the remaining wrong or flat centres
+    with three neighbours moved to their side, as ``qmanifold sample`` does), ``model+mmff`` (the same conformers completed with hydrogens and
     MMFF94-minimised, :mod:`qmanifold.models.refine`; with ``refine``), ``etkdg-k{K}`` and
     ``etkdg+mmff-k{K}``. ``workers`` > 1 runs the ETKDG baselines in that many processes (each
     molecule's time is still measured on one core).
@@ -323,7 +327,7 @@ def run_benchmark(checkpoint: str, data: str = "qm9-edm", split: str = "test", l
     t0 = time.perf_counter()
     model_stats: dict = {}
     model_confs, resampled = _model_conformers(qd, graphs, n_per_molecule, steps, seed, batch_size, dev, progress,
-                                               stereo_retries, model_stats)
+                                               stereo_retries, model_stats, stereo_repair)
     model_time = (time.perf_counter() - t0) / len(graphs)
     model_stats["resampled_per_molecule"] = resampled
 
@@ -400,7 +404,8 @@ def run_benchmark(checkpoint: str, data: str = "qm9-edm", split: str = "test", l
     return {
         "config": {"checkpoint": str(checkpoint), "data": data, "split": split, "limit": limit,
                    "n_per_molecule": n_per_molecule, "etkdg_counts": counts, "steps": steps, "sampler": "ode",
-                   "stereo_retries": int(stereo_retries), "refine": bool(refine), "workers": int(workers),
+                   "stereo_retries": int(stereo_retries), "stereo_repair": bool(stereo_repair), "refine": bool(refine),
+                   "workers": int(workers),
                    "seed": seed, "device": str(dev), "ema": bool(use_ema), "heavy_atoms_only": heavy,
                    "model": ckpt["model"]["name"], "loss": ckpt["diffusion"]["loss"],
                    "thresholds": [float(t) for t in thresholds]},

@@ -23,39 +23,21 @@ unrefined and counted (``mmff_missing_params``), never dropped.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
+
+from qmanifold.models.sampling import (
+    HYDROGENS_GENERATED,
+    HYDROGENS_PLACED,
+    CompleteConformer,
+    mol_with_coordinates,
+    template_mol,
+)
 
 __all__ = ["REFINEMENTS", "CompleteConformer", "complete_conformer", "refine_conformers"]
 
 #: accepted values of ``refine``
 REFINEMENTS = ("none", "mmff")
-
-HYDROGENS_PLACED = "placed from the heavy atoms (RDKit AddHs addCoords)"
-HYDROGENS_GENERATED = "in the conformer (all-atom graph)"
-
-
-@dataclass
-class CompleteConformer:
-    """One complete conformer.
-
-    Attributes:
-        atomic_numbers: ``(N_all,)`` graph atoms first, then added hydrogens.
-        positions: ``(N_all, 3)`` Å.
-        heavy: ``(N, 3)`` the graph atoms' coordinates (``positions[:N]``).
-        hydrogens: how the hydrogens came about (for the record's ``qm_hydrogens``).
-        refine: ``"none"`` or a description of the refinement (``qm_refine``).
-        stats: counters (``mmff_missing_params``, ``mmff_not_converged``, ``mmff_changed_stereo``).
-    """
-
-    atomic_numbers: np.ndarray
-    positions: np.ndarray
-    heavy: np.ndarray
-    hydrogens: str
-    refine: str = "none"
-    stats: dict = field(default_factory=dict)
-
 
 def complete_conformer(graph, positions: np.ndarray, refine: str = "none", max_iters: int = 500,
                        hydrogens_only: bool = False) -> CompleteConformer:
@@ -70,8 +52,6 @@ def complete_conformer(graph, positions: np.ndarray, refine: str = "none", max_i
     """
     from rdkit import Chem, RDLogger
     from rdkit.Chem import AllChem
-
-    from qmanifold.models.sampling import mol_with_coordinates
 
     if refine not in REFINEMENTS:
         raise ValueError(f"unknown refinement {refine!r}; choose one of {REFINEMENTS}")
@@ -130,8 +110,6 @@ def _stereo_signature(graph, positions: np.ndarray) -> tuple:
 
 def template_sanitized(graph) -> bool:
     """Whether the graph's RDKit template sanitised (MMFF94 typing needs a sanitised molecule)."""
-    from qmanifold.models.sampling import template_mol
-
     return bool(template_mol(graph).GetIntProp("_qm_sanitized"))
 
 

@@ -59,6 +59,8 @@ __all__ = [
     "write_sdf",
     "write_xyz",
     "atomic_write_text",
+    "CompleteConformer",
+    "place_hydrogens",
 ]
 
 _BOND_NAMES = {1: "SINGLE", 2: "DOUBLE", 3: "TRIPLE", 4: "AROMATIC"}
@@ -397,7 +399,7 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
                       sampler: str = "ode", seed: int = 0, batch_size: int = 64,
                       device: str | torch.device | None = None, progress: bool = True,
                       stereo: bool | None = None, num_elements: int | None = None,
-                      stereo_retries: int = 0, stats: dict | None = None,
+                      stereo_retries: int = 0, stereo_repair: bool = False, stats: dict | None = None,
                       **sample_kwargs: Any) -> list[np.ndarray]:
     """``n_per_molecule`` conformers for each graph.
 
@@ -416,8 +418,11 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
             requested label (:func:`~qmanifold.models.stereo.stereo_agreement`) up to this many times
             (rejection sampling, as ETKDG retries embeddings that violate chiral constraints); a
             redraw replaces the conformer when it agrees with at least as many labels.
-        stats: a dict to receive counters: ``stereo_redrawn`` (conformers redrawn, all rounds) and
-            ``stereo_wrong`` (conformers still wrong at the end, 0 without labels).
+        stereo_repair: after the redraws, move each remaining wrong or flat stereocentre with three
+            bonded neighbours to its requested side (:func:`~qmanifold.models.stereo.repair_centres`).
+        stats: a dict to receive counters: ``stereo_redrawn`` (conformers redrawn, all rounds),
+            ``stereo_repaired`` (centres moved by the repair) and ``stereo_wrong`` (conformers still
+            wrong at the end, 0 without labels).
         **sample_kwargs: more options for ``qd.sample`` (``eta``, ``time_grid``, ``churn``).
 
     Returns:
@@ -498,8 +503,18 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
     finally:
         if bar is not None:
             bar.close()
+    repaired = 0
+    if stereo_repair and stereo_elements is not None:
+        from qmanifold.models.stereo import repair_centres
+
+        for gi, k in jobs:
+            labels = graph_stereo(graphs[gi])
+            if labels is not None and labels.num_labelled and np.all(np.isfinite(results[gi][k])):
+                results[gi][k], moved = repair_centres(results[gi][k], graphs[gi].bond_types, labels)
+                repaired += moved
     if stats is not None:
         stats["stereo_redrawn"] = redrawn
+        stats["stereo_repaired"] = repaired
         stats["stereo_wrong"] = sum(int(a != n) for a, n in (agreement(gi, results[gi][k]) for gi, k in jobs))
     bad = [graphs[i].source for i, r in enumerate(results) if not np.all(np.isfinite(r))]
     if bad:
@@ -510,6 +525,46 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
 # ----------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------
+
+
+HYDROGENS_PLACED = "placed from the heavy atoms (RDKit AddHs addCoords)"
+HYDROGENS_GENERATED = "in the conformer (all-atom graph)"
+
+
+@dataclass
+class CompleteConformer:
+    """One complete conformer (every atom; :mod:`qmanifold.models.refine` builds them).
+
+    Attributes:
+        atomic_numbers: ``(N_all,)`` graph atoms first, then added hydrogens.
+        positions: ``(N_all, 3)`` Å.
+        heavy: ``(N, 3)`` the graph atoms' coordinates (``positions[:N]``).
+        hydrogens: how the hydrogens came about (for the record's ``qm_hydrogens``).
+        refine: ``"none"`` or a description of the refinement (``qm_refine``).
+        stats: counters (``mmff_missing_params``, ``mmff_not_converged``, ``mmff_changed_stereo``).
+    """
+
+    atomic_numbers: np.ndarray
+    positions: np.ndarray
+    heavy: np.ndarray
+    hydrogens: str
+    refine: str = "none"
+    stats: dict = field(default_factory=dict)
+
+
+def place_hydrogens(graph: MolGraph, positions: np.ndarray) -> CompleteConformer:
+    """The complete molecule of a heavy-atom conformer: hydrogens at their ideal positions given the
+    heavy atoms (RDKit ``AddHs(addCoords=True)``; heavy atoms unchanged, hydrogens appended). An
+    all-atom graph is returned as it is."""
+    Chem, _ = _rdkit()
+    mol = mol_with_coordinates(graph, positions)
+    hydrogens = HYDROGENS_GENERATED
+    if graph.heavy_atoms_only:
+        mol = Chem.AddHs(mol, addCoords=True)
+        hydrogens = HYDROGENS_PLACED
+    pos = np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64)
+    z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
+    return CompleteConformer(z, pos, pos[:graph.num_atoms].copy(), hydrogens)
 
 
 def make_records(graphs: Sequence[MolGraph], conformers: Sequence[np.ndarray],
@@ -524,8 +579,6 @@ def make_records(graphs: Sequence[MolGraph], conformers: Sequence[np.ndarray],
     unless ``hydrogens`` is False. ``qm_hydrogens`` and ``qm_refine`` say which. Stereo properties are
     read from the written heavy atoms.
     """
-    from qmanifold.models.refine import complete_conformer
-
     if len(graphs) != len(conformers):
         raise ValueError(f"{len(graphs)} graphs but {len(conformers)} conformer arrays")
     if complete is not None and len(complete) != len(graphs):
@@ -538,14 +591,14 @@ def make_records(graphs: Sequence[MolGraph], conformers: Sequence[np.ndarray],
         for k in range(confs.shape[0]):
             full = complete[i][k] if complete is not None else None
             if full is None and hydrogens and g.heavy_atoms_only:
-                full = complete_conformer(g, _check_coordinates(g, confs[k], f"{g.source} sample {k}"))
+                full = place_hydrogens(g, _check_coordinates(g, confs[k], f"{g.source} sample {k}"))
             heavy = full.heavy if full is not None else confs[k]
             p = {"qm_source": g.source, "qm_dataset": g.dataset, "qm_index": int(g.index), "qm_smiles": g.smiles,
                  "qm_sample": k, "qm_heavy_atoms_only": int(g.heavy_atoms_only),
                  "qm_hydrogens": full.hydrogens if full is not None else
-                 ("none (heavy atoms only)" if g.heavy_atoms_only else "in the conformer (all-atom graph)"),
+                 ("none (heavy atoms only)" if g.heavy_atoms_only else HYDROGENS_GENERATED),
                  "qm_refine": full.refine if full is not None else "none"}
-            p.update(stereo_properties(g, heavy))
+            p.update(stereo_properties(g, heavy, full))
             p.update(props or {})
             records.append({"graph": g, "positions": heavy, "sample": k, "props": p, "complete": full})
     return records
@@ -569,20 +622,25 @@ def _record_mol(rec: Mapping[str, Any], name: str):
     return mol
 
 
-def stereo_properties(graph: MolGraph, positions: np.ndarray) -> dict:
+def stereo_properties(graph: MolGraph, positions: np.ndarray, complete: Any = None) -> dict:
     """SDF properties naming the stereoisomer of a conformer.
 
     ``qm_stereo_smiles``: the isomeric SMILES with the stereo perceived from the coordinates (RDKit
-    ``AssignStereochemistryFrom3D``), so a conformer of a molecule with unspecified centres says which
-    stereoisomer it is; ``qm_stereo_requested`` / ``qm_stereo_ok``: how many stereo labels were
-    requested (SMILES stereo; for dataset molecules the reference's) and how many the conformer has.
+    ``AssignStereochemistryFrom3D``; of the complete molecule with its hydrogens when ``complete`` is
+    given, i.e. of what the record holds), so a conformer of a molecule with unspecified centres says
+    which stereoisomer it is; ``qm_stereo_requested`` / ``qm_stereo_ok``: how many stereo labels were
+    requested (SMILES stereo; for dataset molecules the reference's) and how many the conformer has
+    (:func:`~qmanifold.models.stereo.stereo_agreement`: right side and clearly pyramidal).
     """
     from qmanifold.models.stereo import stereo_agreement
 
     Chem, RDLogger = _rdkit()
     out: dict[str, Any] = {}
     try:
-        mol = mol_with_coordinates(graph, positions)
+        if complete is not None:
+            mol = _record_mol({"graph": graph, "positions": positions, "complete": complete}, "")
+        else:
+            mol = mol_with_coordinates(graph, positions)
         RDLogger.DisableLog("rdApp.*")
         try:
             Chem.AssignStereochemistryFrom3D(mol)
