@@ -41,7 +41,8 @@ VERIFY_DEFAULT_TARGETS = ("so2", "se3", "torus", "permutations", "lattice", "so2
 VERIFY_QUICK_SIZES = (2000, 150)  # QUICK_CONFIG.n_samples, QUICK_CONFIG.steps
 VERIFY_VARIANTS = (
     "quotient_ode", "quotient_sde", "quotient_heun", "conventional_ode", "conventional_sde", "sde_paper_sign",
-    "sde_no_curvature", "garbage_vertical_conventional", "garbage_vertical_quotient",
+    "sde_no_curvature", "sde_curvature_075", "sde_curvature_125", "garbage_vertical_conventional",
+    "garbage_vertical_quotient",
 )
 # ``qmanifold bench --sections`` (qmanifold.bench.SECTIONS) and ``qmanifold kernels --groups`` defaults.
 BENCH_SECTIONS = ("copy", "projection", "loss", "sampler")
@@ -57,20 +58,21 @@ def _add_verify(subparsers) -> None:
         "verify",
         help="check statistically that each sampler recovers the exact target on toy quotients",
         description=(
-            "Sample each toy quotient target with each sampler variant, compare invariant features "
-            "with exact draws (two-sample KS, Bonferroni over features) and report whether positives "
-            "pass and negative controls fail. Exit code 1 if any verdict is unexpected."
+            "Sample each toy quotient target with each sampler variant, compare invariant features with exact "
+            "draws at t = 1/2 and t = 1 (a joint test of feature means and per-feature KS, Bonferroni) and report "
+            "whether positives pass and negative controls fail. Exit code 1 if any verdict is unexpected."
         ),
     )
     n_quick, steps_quick = VERIFY_QUICK_SIZES
     p.add_argument("--quick", action="store_true", help=f"smaller suite for CI ({n_quick} samples, {steps_quick} steps)")
     p.add_argument("--targets", nargs="+", metavar="NAME", help=f"targets to run (default: all of {', '.join(VERIFY_DEFAULT_TARGETS)}); available: {', '.join(VERIFY_CASES)}")
     p.add_argument("--variants", nargs="+", metavar="NAME", help=f"sampler variants (default: all applicable); available: {', '.join(VERIFY_VARIANTS)}")
-    p.add_argument("--n-samples", type=positive_int, help="samples per variant (and exact draws)")
+    p.add_argument("--n-samples", type=positive_int, help="samples per variant, compared at t = 1/2 (and at t = 1 unless --final-samples)")
+    p.add_argument("--final-samples", type=positive_int, help="how many of them continue to t = 1 and are compared there")
     p.add_argument("--steps", type=positive_int, help="Euler(-Maruyama) steps")
     p.add_argument("--heun-steps", type=positive_int, help="steps of the Heun sampler")
     p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--alpha", type=bounded_float(gt=0, lt=1), default=0.01, help="test level after Bonferroni over features (default 0.01)")
+    p.add_argument("--alpha", type=bounded_float(gt=0, lt=1), default=0.001, help="family-wise test level of each run over checkpoints, tests and features (default 0.001)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--float32", action="store_true", help="sample in float32 (default float64)")
     p.add_argument("--json", metavar="PATH", help="write the records as JSON")
@@ -119,9 +121,11 @@ def _run_verify(args) -> int:
     records = run_suite(
         tuple(args.targets or config.targets),
         args.variants,
-        n_samples=args.n_samples or config.n_samples,
-        steps=args.steps or config.steps,
-        heun_steps=args.heun_steps or config.heun_steps,
+        config=config,
+        n_samples=args.n_samples,
+        steps=args.steps,
+        heun_steps=args.heun_steps,
+        final_samples=args.final_samples,
         seed=args.seed,
         alpha=args.alpha,
         device=args.device,

@@ -221,8 +221,8 @@ def se3_template_denoise(x_t, ahat, beta, template: torch.Tensor, sigma: float, 
         template: (N, 3) centred template.  sigma: σ >= 0.  quad: quadrature options.
 
     Returns:
-        (B, N, 3).  Error: relative < 1e-12 (float64) from the quadrature, see
-        :mod:`qmanifold.verify.matrix_fisher`.
+        (B, N, 3).  Error: that of the quadrature (default rule: relative < 1e-12 in
+        float64), see :mod:`qmanifold.verify.matrix_fisher`.
     """
     B = x_t.shape[0]
     ahat = _as_batch(ahat, "ahat", B, x_t)
@@ -387,7 +387,10 @@ class ToyTarget:
         name: registry name.  point_shape: (N, d).  group_name: one of "SO2", "SE3",
         "Torus", "Permutations", "Lattice".  com_free: whether x_1 and ε live in the
         centre-of-mass-free subspace.  interpolant: "gaussian" (x_t = ahat ε + beta x_1) or
-        "ve_torus" (x_t = wrap(x_1 + σ ε)).
+        "ve_torus" (x_t = wrap(x_1 + σ ε)).  relative_cost: measured seconds per sample and
+        denoiser evaluation in the verification runner (sampler step and tests included), relative
+        to the SO(2) toy's ODE; sde_cost: the SDE samplers' factor on top (the mean curvature and
+        the noise).  Both only weight the runner's progress bar.
     """
 
     name: str = ""
@@ -395,6 +398,8 @@ class ToyTarget:
     com_free: bool = False
     interpolant: str = "gaussian"
     point_shape: tuple[int, int] = (0, 0)
+    relative_cost: float = 1.0
+    sde_cost: float = 1.0
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, dtype=None, device=None) -> torch.Tensor:
         """n exact draws of x_1, shape (n, N, d).  Drawn in float64 on the generator's device,
@@ -449,7 +454,10 @@ class SO2Template(ToyTarget):
 
     Features: pairwise distances ``dist_i_j``, radii ``radius_i`` (distance to the
     centroid), signed cross products ``cross_i`` = :math:`\bar x_i \times \bar x_{i+1}`
-    (rotation invariant, reflection odd: detects the chirality of the template).
+    (rotation invariant, reflection odd: detects the chirality of the template), and
+    ``log_orbit_volume`` = :math:`\tfrac12\log\sum_n |\bar x_n|^2` (the log length of the
+    SO(2) orbit up to a constant: the invariant that the mean-curvature drift
+    :math:`-\eta h = \eta\,\nabla \log \mathrm{vol}` moves directly).
     """
 
     name = "so2"
@@ -482,6 +490,7 @@ class SO2Template(ToyTarget):
         for i in range(N):
             u, v = x[:, i], x[:, (i + 1) % N]
             out[f"cross_{i}"] = u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
+        out["log_orbit_volume"] = 0.5 * torch.log(x.square().sum(dim=(-2, -1)))
         return out
 
 
@@ -495,16 +504,23 @@ class SE3Template(ToyTarget):
     Exact denoiser: :func:`se3_template_denoise`.  The posterior over R is matrix Fisher
     :math:`\propto\exp\operatorname{tr}(R^\top M)`, :math:`M = (\beta/s^2)\sum_n x_{t,n}c_n^\top`;
     :math:`\mathbb{E}[R]` is computed from the 1-D Bessel integral (see
-    :mod:`qmanifold.verify.matrix_fisher`; relative quadrature error < 1e-12 in float64,
-    also as ahat -> 0 where the posterior concentrates).
+    :mod:`qmanifold.verify.matrix_fisher`; with the default fixed rule the relative
+    quadrature error is < 1e-12 in float64, also as ahat -> 0 where the posterior concentrates;
+    ``**quad`` picks another rule, e.g. the verification runner's ``rule="scaled", n_nodes=6,
+    levels=3``, within 3.4e-8 along its sampling paths).
 
-    Features: pairwise distances ``dist_i_j``, radii ``radius_i`` and, for N >= 4, signed
-    volumes ``volume_i`` = det(x_{i+1}-x_i, x_{i+2}-x_i, x_{i+3}-x_i) (chirality).
+    Features: pairwise distances ``dist_i_j``, radii ``radius_i``, for N >= 4 signed
+    volumes ``volume_i`` = det(x_{i+1}-x_i, x_{i+2}-x_i, x_{i+3}-x_i) (chirality), and
+    ``log_orbit_volume`` = :math:`\tfrac12\log\det K(x)` with the inertia tensor
+    :math:`K = \sum_n (|x_n|^2 I - x_n x_n^\top)` (the log volume of the SO(3) orbit up to a
+    constant, which the mean-curvature drift moves directly; :math:`-\infty` only on the
+    collinear configurations, a null set).
     """
 
     name = "se3"
     group_name = "SE3"
     com_free = True
+    relative_cost = 8.0  # the runner's matrix Fisher quadrature (48 nodes, 4 Bessel functions each), an SVD
 
     def __init__(self, template=None, sigma_data: float = 0.1, **quad):
         c = _float_tensor(_SE3_DEFAULT if template is None else template, "template")
@@ -533,6 +549,9 @@ class SE3Template(ToyTarget):
         for i in range(N - 3):
             e = torch.stack([x[:, i + 1] - x[:, i], x[:, i + 2] - x[:, i], x[:, i + 3] - x[:, i]], dim=-2)
             out[f"volume_{i}"] = torch.linalg.det(e)
+        sq = x.square().sum(dim=(-2, -1))
+        inertia = sq[:, None, None] * torch.eye(3, dtype=x.dtype, device=x.device) - x.mT @ x
+        out["log_orbit_volume"] = 0.5 * torch.logdet(inertia)
         return out
 
 
@@ -545,11 +564,14 @@ class TorusRadial(ToyTarget):
     :math:`\mathbb{E}r_j^2 = \mu_j^2 + 2\tau_j^2`.  No centring (``com_free = False``).
 
     Exact denoiser: :func:`torus_radial_denoise` (per-point von Mises posterior, a radial
-    map; machine precision).  Features: radii ``radius_j`` (the invariants of U(1)^k) and
-    ``radius2_j``.
+    map; machine precision).  Features: radii ``radius_j`` (the invariants of U(1)^k),
+    ``radius2_j`` and ``log_orbit_volume`` = :math:`\sum_j \log r_j` (the log volume of the
+    orbit, a product of circles, up to a constant).
     """
 
     name = "torus"
+    relative_cost = 0.8
+    sde_cost = 1.8
     group_name = "Torus"
     com_free = False
 
@@ -586,6 +608,7 @@ class TorusRadial(ToyTarget):
         r = x.norm(dim=-1)
         out = {f"radius_{j}": r[:, j] for j in range(self.k)}
         out.update({f"radius2_{j}": r[:, j] ** 2 for j in range(self.k)})
+        out["log_orbit_volume"] = torch.log(r).sum(-1)
         return out
 
 
@@ -602,6 +625,7 @@ class PermutationMixture(ToyTarget):
     """
 
     name = "permutations"
+    relative_cost = 0.3
     group_name = "Permutations"
     com_free = False
     MAX_N = 7
@@ -664,6 +688,7 @@ class WrappedNormalLattice(ToyTarget):
     """
 
     name = "lattice"
+    relative_cost = 0.4
     group_name = "Lattice"
     com_free = False
     interpolant = "ve_torus"

@@ -180,6 +180,59 @@ def test_matrix_fisher_quadrature_convergence_extreme():
     assert (g1[0] - approx).abs().max() < 1e-6
 
 
+def _log_uniform_singular_values(n: int, seed: int) -> torch.Tensor:
+    """Singular-value triples with magnitudes log-uniform in [1e-3, 1e8], random signs, and both
+    isotropic (random direction) and strongly anisotropic (1 : u : v, |u|, |v| log-uniform down
+    to 1e-6) shapes: the boundary layers of the Bessel integral at every width and combination."""
+    g = gen(seed)
+    mag = 10 ** (torch.rand(n, 1, generator=g, dtype=F64) * 11 - 3)
+    iso = torch.randn(n, 3, generator=g, dtype=F64)
+    iso = iso / iso.norm(dim=-1, keepdim=True)
+    uv = 10 ** (-6 * torch.rand(n, 2, generator=g, dtype=F64)) * torch.randn(n, 2, generator=g, dtype=F64).sign()
+    aniso = torch.cat([torch.ones(n, 1, dtype=F64), uv], -1)
+    return torch.cat([mag * iso, mag * aniso])
+
+
+def test_scaled_quadrature_agrees_with_the_fixed_rule():
+    """The scaled rule of the verification suite (6 nodes x 4 panels per half, graded at each
+    matrix's own boundary layers, 48 nodes) and the 9-node variant against the 736-node fixed rule:
+    the error bounds stated in matrix_fisher's docstring (with a margin), by magnitude of S."""
+    s = torch.cat([
+        _log_uniform_singular_values(5_000, 7),
+        torch.tensor([[1e4, 1e4, -1e4], [1e4, 5e3, 1e2], [1e8, 1e8, -1e8], [1e8, 1.0, 0.0], [30.0, 30.0, -29.9],
+                      [10.0, 9.99, -9.99], [0.0, 0.0, 0.0], [1e-3, 0.0, 0.0], [2.0, 1.0, -0.5]], dtype=F64),
+    ])
+    ref_l, ref_g = matrix_fisher_log_normalizer_and_grad(s)
+    norm = s.norm(dim=-1)
+    bounds = {9: [(1e2, 2e-11), (1e3, 2e-9), (1e4, 4e-8), (1e5, 5e-7), (2e8, 5e-5)],
+              6: [(1e2, 5e-8), (1e3, 1.5e-6), (1e4, 1e-5), (1e5, 5e-5), (2e8, 1e-3)]}
+    for n_nodes, table in bounds.items():
+        l, g = matrix_fisher_log_normalizer_and_grad(s, rule="scaled", n_nodes=n_nodes, levels=3)
+        assert torch.isfinite(l).all() and torch.isfinite(g).all()
+        err = (g - ref_g).abs().amax(-1)  # absolute error of E[R_ii], numbers in [-1, 1]
+        rel_l = (l - ref_l).abs() / ref_l.abs().clamp(min=1.0)
+        for bound, tol in table:
+            sel = norm <= bound
+            assert err[sel].max() < tol, (n_nodes, bound, err[sel].max().item())
+        assert rel_l.max() < 2e-8, (n_nodes, rel_l.max().item())
+    # the scaled rule is what the verification suite's SE(3) case uses, and it agrees with the
+    # fixed rule on its denoiser along a sampling path's range of noise levels
+    from qmanifold.verify.runner import builtin_case
+
+    target = builtin_case("se3").target
+    assert target.quad == {"rule": "scaled", "n_nodes": 6, "levels": 3}
+    x1 = target.sample(64, gen(8), dtype=F64)
+    eps = target.sample_noise(64, gen(9), dtype=F64)
+    fixed = make_target("se3")
+    for ahat, beta in [(1.0, 0.05), (0.5, 0.5), (0.1, 0.9), (1e-3, 1.0)]:
+        x_t = target.forward(x1, eps, ahat, beta)
+        assert (target.denoise(x_t, ahat, beta) - fixed.denoise(x_t, ahat, beta)).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="unknown quadrature rule 'adaptive'"):
+        matrix_fisher_log_normalizer(s[:2], rule="adaptive")
+    with pytest.raises(ValueError, match="levels >= 1"):
+        matrix_fisher_log_normalizer(s[:2], rule="scaled", levels=0)
+
+
 def test_matrix_fisher_mean_limit_is_rotation():
     g = gen(2)
     F = torch.randn(16, 3, 3, generator=g, dtype=F64)
