@@ -24,6 +24,12 @@ Sampling (``sample``): with ``v`` the velocity and ``s`` the score derived from 
 
 The sampler geometry defaults to the loss: quotient samplers for ``loss="quotient"``, conventional
 samplers for the baselines.
+
+Likelihoods (``log_prob``, ``sample(..., return_log_prob=True)``): the change of variables along the
+probability-flow ODE ``dx = u dt`` (``u = P_x v`` on the quotient), with the divergence on M (the
+centre-of-mass-free subspace) or on Q, and the orbit volume between them
+(``log q_Q(pi x) = log q_M(x) + log vol(G x)``); see :mod:`qmanifold.likelihood` and
+docs/diffusion.md, "Likelihoods on Q and on M".
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ import sympy
 import torch
 from torch import nn
 
+from . import likelihood as L
 from ._validation import check_finite, check_mask, check_points
 from .masking import apply_mask
 from .quotient import Quotient
-from .schedules import GeneralInterpolant, Interpolant, check_time, make_interpolant
+from .schedules import GeneralInterpolant, HarmonicPrior, Interpolant, check_time, make_interpolant
 from .sde import SDE, integrate, tame
 from .symbolic import T, as_sympy, lower
 
@@ -112,6 +119,17 @@ class _FiniteMonitor:
             )
 
 
+def _with_node(times: torch.Tensor, t_max: float) -> torch.Tensor:
+    """The increasing host grid ``times`` with ``t_max`` inserted as a node when it lies strictly
+    inside its last interval or further in: the flow field is frozen beyond ``t_max`` (a kink in
+    time), and a node there keeps a fixed-step Runge-Kutta method at its full order."""
+    if not t_max < 1.0 or not float(times[0]) < t_max < float(times[-1]):
+        return times
+    if bool((times == t_max).any()):
+        return times
+    return torch.sort(torch.cat([times, times.new_tensor([t_max])])).values
+
+
 def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return None
@@ -141,6 +159,8 @@ class QuotientDiffusion(nn.Module):
             checked once when sampling ends (the error names the first bad evaluation).
     """
 
+    _curved = False  # set per instance in __init__; the class default keeps older pickles working
+
     def __init__(
         self,
         quotient: Quotient,
@@ -162,9 +182,14 @@ class QuotientDiffusion(nn.Module):
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
-        if isinstance(interpolant, str):
+        self._curved = quotient._curved is not None  # a curved total space M: qmanifold.curved_diffusion
+        if self._curved:
+            from . import curved_diffusion
+
+            interpolant = curved_diffusion.setup(quotient, interpolant, prediction, loss, augment)
+        elif isinstance(interpolant, str):
             interpolant = make_interpolant(interpolant)
-        if not isinstance(interpolant, (Interpolant, GeneralInterpolant)):
+        if not self._curved and not isinstance(interpolant, (Interpolant, GeneralInterpolant)):
             raise TypeError(f"interpolant must be a name or an Interpolant, got {type(interpolant).__name__}")
         self.general = isinstance(interpolant, GeneralInterpolant)
         if self.general and prediction != "v":
@@ -266,7 +291,15 @@ class QuotientDiffusion(nn.Module):
             **cond: passed to the denoiser (e.g. ``atom_types``, ``bond_types``).
 
         Per sample: ``w(t) * sum_real |r|^2 / (N_real d)`` with the residual ``r`` of the chosen loss.
+
+        On a curved total space (``Quotient(group, manifold=M)``, ``interpolant="geodesic"``):
+        :func:`qmanifold.curved_diffusion.loss` -- ``x_t = exp_{x0}(t log_{x0} x1)``, the residual
+        ``P_{x_t}(v_theta - log_{x_t}(x1)/(1-t))`` (or its ``prediction="x1"`` form) in M's metric.
         """
+        if self._curved:
+            from . import curved_diffusion
+
+            return curved_diffusion.loss(self, x1, mask, t, generator, reduction, check_output, cond)
         self._check_data(x1, mask)
         batch = x1.shape[0]
         self._check_cond(cond, batch)
@@ -379,6 +412,14 @@ class QuotientDiffusion(nn.Module):
         device: torch.device | str | None = None,
         curvature_factor: float = 1.0,
         x0: torch.Tensor | None = None,
+        return_log_prob: bool = False,
+        space: str = "quotient",
+        estimator: str = "exact",
+        probes: int = 1,
+        probe: str = "rademacher",
+        method: str | None = None,
+        divergence_chunk: int | None = None,
+        assume_equivariant: bool = False,
         **cond,
     ):
         """Draw samples ``(B, N, d)`` (and the trajectory ``(steps+1, B, N, d)`` if asked).
@@ -398,8 +439,34 @@ class QuotientDiffusion(nn.Module):
             progress: show a progress bar.
             curvature_factor: 1 (correct). 0 / -1 give the known-wrong variants (negative controls).
             x0: optional initial noise ``(B, N, d)``.
+            return_log_prob: also return the model's log-density ``(B,)`` at each sample, by the
+                change of variables along the probability-flow ODE integrated jointly with its
+                divergence (see :meth:`log_prob`; deterministic samplers ``"ode"``/``"heun"``
+                only; ``x0`` is centred). Returns ``(x, log_q)``, or ``(x, trajectory, log_q)``.
+            space, estimator, probes, probe, divergence_chunk, assume_equivariant: as in
+                :meth:`log_prob` (only with ``return_log_prob``; Hutchinson probes are drawn from
+                ``generator`` after the initial noise).
+            method: the scheme of the joint integration: default the sampler's own (``"euler"``
+                for ``"ode"``, ``"heun"`` for ``"heun"``: the samples follow the same steps as
+                without log-densities; the log-density error is then O(dt) / O(dt^2)), or
+                ``"rk4"`` / ``"dopri5"`` (the samples are then that solver's).
             **cond: conditioning tensors with leading batch dimension B, passed to the denoiser.
+
+        On a curved total space (``Quotient(group, manifold=M)``): :func:`qmanifold.curved_diffusion.sample`,
+        samplers ``"ode"``, ``"heun"`` and ``"sde"`` by geodesic steps on M (every state is a point of M),
+        ``x0`` from the prior on M; ``sampler="sde"`` needs ``score=callable(x, t, mask=None)``, the score
+        ``grad_M log p_t`` (the geodesic interpolant's velocity does not determine it), and runs
+        ``dx = [P_x(v + eta s) - c eta h] dt + sqrt(2 eta) P_x dW`` (default ``eta = (1 - t)^2``).
         """
+        if self._curved:
+            if return_log_prob:
+                raise NotImplementedError("return_log_prob=True is not available on a curved total space yet (issue 15)")
+            from . import curved_diffusion
+
+            return curved_diffusion.sample(
+                self, shape, mask, steps=steps, sampler=sampler, eta=eta, geometry=geometry, generator=generator,
+                time_grid=time_grid, return_trajectory=return_trajectory, chunk_size=chunk_size, progress=progress,
+                dtype=dtype, device=device, curvature_factor=curvature_factor, x0=x0, cond=cond)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
         geometry = geometry or ("quotient" if self.loss_type == "quotient" else "conventional")
@@ -408,6 +475,12 @@ class QuotientDiffusion(nn.Module):
         steps = _positive_int(steps, "steps")
         if chunk_size is not None:
             chunk_size = _positive_int(chunk_size, "chunk_size")
+        if return_log_prob:
+            if sampler not in ("ode", "heun"):
+                raise ValueError(f"return_log_prob=True needs the deterministic probability-flow ODE (sampler='ode' or "
+                                 f"'heun'); sampler={sampler!r} is stochastic and has no change-of-variables density")
+            method = method or ("euler" if sampler == "ode" else "heun")
+            self._check_log_prob_options(space, estimator, "M", method, probe, geometry, probes)
         ref_dtype, ref_device = self._reference_tensor(cond)
         dtype = dtype or ref_dtype
         if mask is not None:
@@ -439,7 +512,7 @@ class QuotientDiffusion(nn.Module):
         if self.validate and (chunked or not defer):
             _check_mask_rows(mask)
         if chunked:
-            pieces, trajs = [], []
+            pieces, trajs, logps = [], [], []
             for start in range(0, batch, chunk_size):
                 sl = slice(start, min(batch, start + chunk_size))
                 sub_cond = {k: (v[sl] if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
@@ -449,15 +522,24 @@ class QuotientDiffusion(nn.Module):
                     steps=steps, sampler=sampler, eta=eta, geometry=geometry, generator=generator,
                     time_grid=time_grid, churn=churn, return_trajectory=return_trajectory, chunk_size=None,
                     progress=progress, dtype=dtype, device=device, curvature_factor=curvature_factor,
-                    x0=x0[sl] if x0 is not None else None, **sub_cond,
+                    x0=x0[sl] if x0 is not None else None, return_log_prob=return_log_prob, space=space,
+                    estimator=estimator, probes=probes, probe=probe, method=method,
+                    divergence_chunk=divergence_chunk, assume_equivariant=assume_equivariant, **sub_cond,
                 )
+                if return_log_prob:
+                    *out, lp = out
+                    logps.append(lp)
+                    out = tuple(out) if return_trajectory else out[0]
                 if return_trajectory:
                     pieces.append(out[0])
                     trajs.append(out[1])
                 else:
                     pieces.append(out)
             result = torch.cat(pieces)
-            return (result, torch.cat(trajs, 1)) if return_trajectory else result
+            result = (result, torch.cat(trajs, 1)) if return_trajectory else result
+            if return_log_prob:
+                return (*result, torch.cat(logps)) if return_trajectory else (result, torch.cat(logps))
+            return result
 
         if x0 is None:
             if self.general and self.interpolant.prior is not None:
@@ -476,7 +558,12 @@ class QuotientDiffusion(nn.Module):
         monitor = _FiniteMonitor(mask) if defer else None
         outer_monitor, self._monitor = self._monitor, monitor
         try:
-            if sampler in ("ode", "sde"):
+            if return_log_prob:
+                result = self._sample_log_prob(
+                    x0, times_host, mask, method, geometry, space, estimator, probes, probe, divergence_chunk,
+                    assume_equivariant, generator, return_trajectory, callback, cond,
+                )
+            elif sampler in ("ode", "sde"):
                 result = self._sample_em(x0, times, mask, sampler, eta, geometry, generator, return_trajectory, callback, curvature_factor, cond)
             else:
                 result = self._sample_heun(x0, times_host, mask, sampler, churn, geometry, generator,
@@ -565,3 +652,262 @@ class QuotientDiffusion(nn.Module):
             if callback is not None:
                 callback(i, t_next, x)
         return (x, torch.stack(traj)) if traj is not None else x
+
+    # ------------------------------------------------------------------------------------------
+    # likelihoods
+
+    def _check_log_prob_options(self, space, estimator, route, method, probe, geometry, probes) -> None:
+        for value, name, allowed in ((space, "space", L.SPACES), (estimator, "estimator", L.ESTIMATORS),
+                                     (route, "route", L.ROUTES), (method, "method", L.METHODS),
+                                     (probe, "probe", L.PROBES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+        if geometry not in (None, "quotient", "conventional"):
+            raise ValueError(f"unknown geometry {geometry!r}; choose 'quotient' or 'conventional'")
+        _positive_int(probes, "probes")
+        prior = getattr(self.interpolant, "prior", None) if self.general else None
+        if prior is not None and not isinstance(prior, HarmonicPrior) and not hasattr(prior, "log_prob"):
+            raise ValueError(f"log-densities need the prior's log-density: {type(prior).__name__} has no "
+                             "log_prob(x, bond_types, mask) method (HarmonicPrior is supported)")
+        if isinstance(prior, HarmonicPrior) and not self.quotient.translations:
+            raise ValueError("the harmonic prior lives on the centre-of-mass-free subspace, but "
+                             f"{self.quotient.name} has no translations: its density on M is not defined")
+
+    def _flow_field(self, geometry: str) -> Callable:
+        """The ODE field ``u(x, t) = P_x v(x, t)`` (quotient) or ``Pi v`` (conventional) with the
+        time clamped to ``t_max`` (denoiser and coefficients): on ``(t_max, 1]`` the velocity is
+        the 0/0 limit of ``(x - beta D)/ahat``, so the field is frozen there."""
+        t_max = getattr(self.interpolant, "t_max", 1.0)
+        q = self.quotient
+
+        def field(x, t, mask=None, **cond):
+            te = t.clamp(max=t_max) if t_max < 1.0 else t
+            v = self.velocity(x, te, mask, **cond)
+            return q.horizontal_projection(v, x, mask) if geometry == "quotient" else q.center(v, mask)
+
+        return field
+
+    def _prior_log_density(self, x0: torch.Tensor, mask, cond: dict) -> torch.Tensor:
+        """Log-density on M of the sampler's starting distribution at ``x0``: ``(B,)``."""
+        prior = getattr(self.interpolant, "prior", None) if self.general else None
+        if prior is None:
+            return L.gaussian_log_density(x0, mask, self.quotient.translations)
+        if isinstance(prior, HarmonicPrior):
+            return L.harmonic_log_density(prior, x0, cond.get("bond_types"), mask)
+        return prior.log_prob(x0, cond.get("bond_types"), mask)
+
+    def _check_equivariance(self, field, x, mask, cond) -> None:
+        """Raise ValueError unless ``field`` is equivariant under the group's rotation-like factor at
+        ``x`` (one Haar element per configuration, at t = 1/2 and t = 1; relative error at most
+        1e-6 in float64, 1e-3 otherwise). Conditioning is assumed invariant."""
+        lie = self.quotient.lie
+        if lie is None or not lie.generators:
+            return
+        batch = x.shape[0]
+        try:
+            rot = lie.random_element((batch,), generator=torch.Generator().manual_seed(20240614),
+                                     dtype=torch.float64, device="cpu").matrix.to(dtype=x.dtype, device=x.device)
+        except NotImplementedError:
+            raise ValueError(f"cannot check that the field is {lie.name}-equivariant (no Haar sampler for this group); "
+                             "pass assume_equivariant=True if it is, or use space='total' with route='M'") from None
+        tol = 1e-6 if x.dtype == torch.float64 else 1e-3
+        for tv in (0.5, 1.0):
+            t = torch.full((batch,), tv, dtype=x.dtype, device=x.device)
+            err = float(L.equivariance_error(field, x, t, rot, mask, cond).max())
+            if not err <= tol:
+                raise ValueError(
+                    f"the probability-flow field is not {lie.name}-equivariant at these configurations (relative "
+                    f"error {err:.2e} > {tol:.0e} at t = {tv}): its density on Q is not defined by the lifted ODE "
+                    "alone (the density on M is not invariant). space='total' with route='M' (the density on M "
+                    "of the ODE's output) is defined for any field; pass assume_equivariant=True to accept the error")
+
+    def _log_prob_rhs(self, field, route, geometry, probes_t, mask, cond, divergence_chunk, curvature_factor):
+        """``rhs(x, t) -> (u, div)`` for :func:`qmanifold.likelihood.integrate_log_density`."""
+        q = self.quotient
+
+        def rhs(x, t):
+            tb = t.expand(x.shape[0])
+            project = L.horizontal_projector(q, x, mask) if route == "Q" else L.centring_projector(q, mask)
+            u, div = L.divergence(field, x, tb, project, mask=mask, cond=cond, probes=probes_t,
+                                  chunk_size=divergence_chunk)
+            if route == "Q_curvature":  # div_Q = div_M + <u, h>
+                div = div + curvature_factor * (u * q.mean_curvature(x, mask)).sum((-2, -1))
+            return u, div
+
+        return rhs
+
+    def log_prob(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        space: str = "quotient",
+        estimator: str = "exact",
+        steps: int = 100,
+        probes: int = 1,
+        probe: str = "rademacher",
+        method: str = "rk4",
+        rtol: float = 1e-6,
+        atol: float = 1e-6,
+        time_grid: str | torch.Tensor = "uniform",
+        route: str = "M",
+        geometry: str | None = None,
+        curvature_factor: float = 1.0,
+        assume_equivariant: bool = False,
+        generator: torch.Generator | None = None,
+        chunk_size: int | None = None,
+        divergence_chunk: int | None = None,
+        progress: bool = False,
+        return_details: bool = False,
+        **cond,
+    ):
+        r"""Log-density of the model's samples at ``x`` ``(B, N, d)``: ``(B,)``.
+
+        The probability-flow ODE ``dx/dt = u(x, t)`` of the sampler (``u = P_x v`` for the
+        quotient geometry, the centred ``v`` for the conventional one) is integrated from the data
+        (t = 1) back to the prior (t = 0) together with ``dl/dt = div u``; then
+        ``log q_M(x) = log p_0(x_0) + l(0)`` with ``p_0`` the sampler's prior (the standard Gaussian
+        on M, or the interpolant's harmonic prior). On the quotient,
+        ``log q_Q(pi x) = log q_M(x) + log vol(G x)`` (:func:`qmanifold.likelihood.log_orbit_volume`).
+        Conventions and derivation: docs/diffusion.md, "Likelihoods on Q and on M".
+
+        Args:
+            x: configurations; centred first when the group has translations (the density lives on
+                the centre-of-mass-free subspace M, of dimension ``(N_real - 1) d``).
+            mask: ``(B, N)`` bool, True on real points.
+            space: ``"quotient"`` (density on Q w.r.t. its Riemannian volume) or ``"total"``
+                (density on M w.r.t. Lebesgue measure; what reweighting against ``exp(-U/kT)``
+                needs).
+            estimator: ``"exact"`` (``N d`` VJPs per evaluation, batched) or ``"hutchinson"``
+                (``probes`` random probes per configuration, fixed along the path; unbiased).
+            steps: steps of the fixed-step methods; the initial step ``1/steps`` of ``"dopri5"``.
+            probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson).
+            method: ``"rk4"`` (default), ``"heun"``, ``"euler"`` or ``"dopri5"`` (adaptive, with
+                ``rtol``/``atol`` on ``(x, l)``).
+            time_grid: ``"uniform"``, ``"edm"`` or a tensor of times from 0 to 1 (as in :meth:`sample`).
+            route: ``"M"`` (integrate ``div_M u``, then add ``log vol(G x)``), ``"Q"`` (integrate
+                ``div_Q`` as the trace over the horizontal space, from the prior's density on Q,
+                ``log p_0(x_0) + log vol(G x_0)``) or ``"Q_curvature"`` (``div_Q = div_M u + <u, h>``).
+                The three agree for an equivariant field (a test).
+            geometry: ``"quotient"`` or ``"conventional"`` (default from the loss, as in
+                :meth:`sample`); the routes through Q need ``"quotient"``.
+            curvature_factor: 1 (correct). 0 drops every orbit-volume / curvature term (negative
+                control: the density on Q is then wrong by ``log vol``).
+            assume_equivariant: skip the equivariance check. Without it, ``space="quotient"`` and
+                the routes through Q first check that the field is equivariant at ``x`` (at t = 1/2
+                and 1, one Haar rotation per configuration) and raise ``ValueError`` if not: a
+                non-equivariant field has a well-defined density on M (``space="total"``,
+                ``route="M"``) but its density on Q is not ``q_M vol``.
+            generator: for the Hutchinson probes.
+            chunk_size: at most this many configurations per solve (memory).
+            divergence_chunk: at most this many directions (basis vectors or probes) per denoiser
+                call; the denoiser sees batches of ``B * divergence_chunk`` (memory).
+            progress: show a progress bar.
+            return_details: return a dict with ``log_prob``, ``log_prob_total``,
+                ``log_prob_quotient``, ``log_prior``, ``divergence_integral`` (``int_0^1 div dt``
+                of the route), ``log_orbit_volume`` (at x), ``prior_point`` ``x_0`` and ``nfev``.
+            **cond: conditioning tensors with leading batch dimension B, passed to the denoiser.
+
+        The denoiser must treat the configurations of a batch independently (the exact trace
+        replicates the batch); it is called with gradients enabled.
+        """
+        if self._curved:
+            raise NotImplementedError("log_prob is not available on a curved total space yet (issue 15): the divergence "
+                                      "on M and the orbit volumes of qmanifold.likelihood are written for flat M")
+        geometry = geometry or ("quotient" if self.loss_type == "quotient" else "conventional")
+        self._check_log_prob_options(space, estimator, route, method, probe, geometry, probes)
+        if route != "M" and geometry != "quotient":
+            raise ValueError(f"route={route!r} integrates the divergence on Q of a horizontal field: it needs "
+                             "geometry='quotient'")
+        steps = _positive_int(steps, "steps")
+        if chunk_size is not None:
+            chunk_size = _positive_int(chunk_size, "chunk_size")
+        if divergence_chunk is not None:
+            divergence_chunk = _positive_int(divergence_chunk, "divergence_chunk")
+        self._check_data(x, mask, "x")
+        batch = x.shape[0]
+        self._check_cond(cond, batch)
+        options = dict(space=space, estimator=estimator, steps=steps, probes=probes, probe=probe, method=method,
+                       rtol=rtol, atol=atol, time_grid=time_grid, route=route, geometry=geometry,
+                       curvature_factor=curvature_factor, assume_equivariant=assume_equivariant,
+                       generator=generator, divergence_chunk=divergence_chunk, progress=progress,
+                       return_details=return_details)
+        if chunk_size is not None and batch > chunk_size:
+            parts = []
+            for start in range(0, batch, chunk_size):
+                sl = slice(start, min(batch, start + chunk_size))
+                sub_cond = {k: (v[sl] if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+                parts.append(self.log_prob(x[sl], mask[sl] if mask is not None else None, chunk_size=None,
+                                           **options, **sub_cond))
+            if not return_details:
+                return torch.cat(parts)
+            return {k: (torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor) else sum(p[k] for p in parts))
+                    for k in parts[0]}
+
+        x = self.quotient.center(x, mask)
+        field = self._flow_field(geometry)
+        needs_equivariance = space == "quotient" or route != "M"
+        if needs_equivariance and not assume_equivariant:
+            self._check_equivariance(field, x, mask, cond)
+        times = self._time_grid(steps, time_grid, x.dtype, torch.device("cpu"))
+        if isinstance(time_grid, torch.Tensor) and not (float(times[0]) == 0.0 and float(times[-1]) == 1.0
+                                                        and bool((times.diff() > 0).all())):
+            raise ValueError("log_prob needs an increasing time grid from 0 (prior) to 1 (data)")
+        if float(times[-1]) < 1.0:  # the "edm" grid ends at sigma_min: finish at t = 1
+            times = torch.cat([times, times.new_ones(1)])
+        times = _with_node(times, getattr(self.interpolant, "t_max", 1.0)).flip(0).to(x.device)
+        probes_t = L.probe_directions(x, probes, probe, mask=mask, generator=generator) if estimator == "hutchinson" else None
+        rhs = self._log_prob_rhs(field, route, geometry, probes_t, mask, cond, divergence_chunk, curvature_factor)
+        bar = _progress(times.shape[0] - 1, progress, f"log_prob ({method}, {estimator})")
+        callback = (lambda i, t, y: bar.update(1)) if bar is not None else None
+        try:
+            x0, ell, nfev = L.integrate_log_density(rhs, x, times, method=method, mask=mask, rtol=rtol, atol=atol,
+                                                    callback=callback)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._assemble_log_prob(x, x0, ell, mask, cond, space, route, curvature_factor, nfev, return_details)
+
+    def _assemble_log_prob(self, x1, x0, ell, mask, cond, space, route, c, nfev, details):
+        """Combine ``l = -int_0^1 div dt`` (the route's divergence), the prior at ``x0`` and the
+        orbit volumes into the densities on M and on Q at ``x1``."""
+        log_prior = self._prior_log_density(x0, mask, cond)
+        lv1 = L.log_orbit_volume(self.quotient, x1, mask) if (space == "quotient" or route != "M" or details) else None
+        if route == "M":
+            log_total = log_prior + ell
+            log_quotient = log_total + c * lv1 if lv1 is not None else None
+        else:
+            log_quotient = log_prior + c * L.log_orbit_volume(self.quotient, x0, mask) + ell
+            log_total = log_quotient - c * lv1
+        value = log_quotient if space == "quotient" else log_total
+        if not details:
+            return value
+        return {"log_prob": value, "log_prob_total": log_total, "log_prob_quotient": log_quotient,
+                "log_prior": log_prior, "divergence_integral": -ell, "log_orbit_volume": lv1, "prior_point": x0,
+                "nfev": nfev}
+
+    def _sample_log_prob(self, x0, times_host, mask, method, geometry, space, estimator, probes, probe,
+                         divergence_chunk, assume_equivariant, generator, trajectory, callback, cond):
+        """Integrate the probability-flow ODE forward from ``x0`` jointly with ``dl/dt = div_M u``:
+        ``log q_M(x_1) = log p_0(x_0) - l(1)`` (route through M)."""
+        x0 = self.quotient.center(x0, mask)
+        field = self._flow_field(geometry)
+        if space == "quotient" and not assume_equivariant:
+            self._check_equivariance(field, x0, mask, cond)
+        probes_t = L.probe_directions(x0, probes, probe, mask=mask, generator=generator) if estimator == "hutchinson" else None
+        rhs = self._log_prob_rhs(field, "M", geometry, probes_t, mask, cond, divergence_chunk, 1.0)
+        traj = [x0] if trajectory else None
+
+        def on_step(i, t, x):
+            if traj is not None:
+                traj.append(x)
+            if callback is not None:
+                callback(i, t, x)
+
+        t_max = getattr(self.interpolant, "t_max", 1.0)
+        if method == "rk4":
+            times_host = _with_node(times_host, t_max)
+        x1, ell, nfev = L.integrate_log_density(rhs, x0, times_host.to(x0.device), method=method, mask=mask,
+                                                skip_corrector_after=t_max, callback=on_step)
+        log_q = self._assemble_log_prob(x1, x0, -ell, mask, cond, space, "M", 1.0, nfev, False)
+        return (x1, torch.stack(traj), log_q) if traj is not None else (x1, log_q)
