@@ -69,9 +69,10 @@ NUM_STEREO_BOND_TYPES = 7
 
 #: relative signed volumes below this count as planar (no label) when labels are *read* (references)
 _PLANAR = 1e-3
-#: a *generated* centre honours its label only when clearly pyramidal: relative volume at least this
-#: (ideal sp3: 0.77; 99.9 % of the labelled QM9 reference centres lie above 0.17). Flatter samples are
-#: ambiguous: RDKit perceives no configuration, and hydrogens placed on them may land on either side.
+#: a *generated* centre with three bonded neighbours honours its label only when clearly pyramidal:
+#: relative volume at least this (ideal sp3: 0.77; 99.9 % of the labelled QM9 reference centres lie
+#: above 0.17, the few below are quaternary centres of strained cages). Flatter samples are ambiguous:
+#: RDKit perceives no configuration, and hydrogens placed on them may land on either side.
 MIN_GENERATED_VOLUME = 0.15
 
 
@@ -247,12 +248,18 @@ def stereo_agreement(positions: np.ndarray, bond_types: np.ndarray, requested: S
     """``(agreeing, labelled)``: how many of the requested stereo labels a geometry reproduces.
 
     Every centre with a non-zero requested label and every labelled substituent pair is counted. A
-    centre agrees when it has the requested sign *and* is clearly pyramidal (relative volume at least
-    ``min_volume``, :data:`MIN_GENERATED_VOLUME` by default: a nearly planar centre has no definite
-    configuration).
+    centre agrees when it has the requested sign; a centre with three bonded neighbours (the fourth
+    substituent an implicit hydrogen) must also be clearly pyramidal (relative volume at least
+    ``min_volume``, :data:`MIN_GENERATED_VOLUME` by default: such a nearly planar centre has no definite
+    configuration). Centres with four bonded neighbours only need the sign.
     """
     centres = np.nonzero(requested.chirality)[0]
     chi = chirality_from_geometry(positions, bond_types, centres, min_volume)
+    # four bonded neighbours: the three lowest can be nearly coplanar with the centre in a strained
+    # ring or cage (reference volumes down to 0.003) while the configuration is perfectly definite
+    full = [c for c in centres.tolist() if lowest_neighbours(bond_types, c).size >= 4]
+    if full:
+        chi[full] = chirality_from_geometry(positions, bond_types, full)[full]
     agree = int(np.sum(chi[centres] == requested.chirality[centres]))
     pos = np.asarray(positions, dtype=np.float64)
     for a, b, code in requested.pairs:
