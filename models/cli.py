@@ -549,6 +549,9 @@ def register(subparsers) -> None:
     _add_evaluate(subparsers)
     _add_baseline(subparsers)
     _add_benchmark(subparsers)
+    from qmanifold.models.boltzmann.cli import register as register_boltzmann  # stdlib-only parsers
+
+    register_boltzmann(subparsers)  # data, train-boltzmann, evaluate-boltzmann
 
 
 def main(argv: Sequence[str] | None = None) -> int:

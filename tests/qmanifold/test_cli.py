@@ -77,7 +77,7 @@ def test_build_parser_imports_no_heavy_module_and_has_every_command():
     commands, heavy = proc.stdout.strip().splitlines()
     assert heavy == "[]"
     assert commands == str(sorted(["verify", "info", "train", "sample", "evaluate", "baseline", "benchmark", "bench",
-                                      "kernels"]))
+                                      "kernels", "data", "train-boltzmann", "evaluate-boltzmann"]))
 
 
 def test_import_qmanifold_is_lazy_and_complete():
