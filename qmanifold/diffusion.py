@@ -34,6 +34,7 @@ docs/diffusion.md, "Likelihoods on Q and on M".
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -244,6 +245,21 @@ class QuotientDiffusion(nn.Module):
             else:
                 check_finite(apply_mask(out, mask), "denoiser output")
         return out
+
+    def _prior_scale(self) -> float:
+        r"""Standard deviation ``s0`` of the Gaussian the samplers start from at ``t = 0``.
+
+        The marginal at ``t = 0`` of a Gaussian interpolant is ``ahat(0) eps + beta(0) x1``; the
+        samplers draw its Gaussian part ``N(0, ahat(0)^2 I)`` (exact when ``beta(0) = 0``; for EDM,
+        ``sigma_max = 80`` dominates the data's scale, as in Karras et al. 2022). ``s0 = 1`` for
+        ``linear``, ``1 - 2e-5`` for ``vp_linear``, ``sigma_max`` for ``edm``. A general interpolant
+        without a prior starts from ``alpha(0) x0 + gamma(0) eps``: ``s0 = sqrt(alpha(0)^2 +
+        gamma(0)^2)``; with a prior, ``x0`` is the prior's draw (``s0`` unused).
+        """
+        interp, zero = self.interpolant, torch.zeros((), dtype=torch.float64)
+        if self.general:
+            return math.hypot(float(interp.alpha(zero)), float(interp.gamma(zero)))
+        return float(interp.ahat(zero))
 
     def _noise(self, shape, mask, generator, dtype, device) -> torch.Tensor:
         """Standard Gaussian in the centre-of-mass-free subspace (if translations), padded zeros."""
@@ -546,7 +562,7 @@ class QuotientDiffusion(nn.Module):
                 x0 = self.interpolant.sample_prior(cond.get("bond_types"), mask, generator=generator, dtype=dtype)
                 x0 = self.quotient.center(x0.to(device), mask)
             else:
-                x0 = self._noise(tuple(shape), mask, generator, dtype, device)
+                x0 = self._prior_scale() * self._noise(tuple(shape), mask, generator, dtype, device)
         else:
             self._check_data(x0, mask, "x0")
         # the grid is built (or copied once) on the host: the Heun sampler branches on its values,
@@ -691,7 +707,7 @@ class QuotientDiffusion(nn.Module):
         """Log-density on M of the sampler's starting distribution at ``x0``: ``(B,)``."""
         prior = getattr(self.interpolant, "prior", None) if self.general else None
         if prior is None:
-            return L.gaussian_log_density(x0, mask, self.quotient.translations)
+            return L.gaussian_log_density(x0, mask, self.quotient.translations, scale=self._prior_scale())
         if isinstance(prior, HarmonicPrior):
             return L.harmonic_log_density(prior, x0, cond.get("bond_types"), mask)
         return prior.log_prob(x0, cond.get("bond_types"), mask)

@@ -241,8 +241,9 @@ def hutchinson_variance(matrix: torch.Tensor, kind: str = "rademacher") -> torch
 # priors and orbit volumes
 
 
-def gaussian_log_density(x: torch.Tensor, mask: torch.Tensor | None = None, translations: bool = True) -> torch.Tensor:
-    r"""Log-density of the standard Gaussian on M: ``-|x|^2 / 2 - (n / 2) log(2 pi)``: ``(B,)``.
+def gaussian_log_density(x: torch.Tensor, mask: torch.Tensor | None = None, translations: bool = True,
+                         scale: float = 1.0) -> torch.Tensor:
+    r"""Log-density of ``N(0, scale^2 I)`` on M: ``-|x|^2 / (2 scale^2) - n log scale - (n / 2) log(2 pi)``: ``(B,)``.
 
     ``n = (N_real - 1) d`` with translations (``x`` is centred first: the density lives on
     ``M_0``; it is the law of the centred standard Gaussian that the sampler draws), ``N_real d``
@@ -250,7 +251,8 @@ def gaussian_log_density(x: torch.Tensor, mask: torch.Tensor | None = None, tran
     """
     xc = center(x, mask) if translations else apply_mask(x, mask)
     dim = (count_points(x, mask) - (1.0 if translations else 0.0)) * x.shape[-1]
-    return -0.5 * xc.square().sum((-2, -1)) - 0.5 * dim * math.log(2.0 * math.pi)
+    return (-0.5 * xc.square().sum((-2, -1)) / scale**2 - dim * math.log(scale)
+            - 0.5 * dim * math.log(2.0 * math.pi))
 
 
 def harmonic_log_density(prior, x: torch.Tensor, bonds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
