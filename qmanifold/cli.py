@@ -36,14 +36,18 @@ __all__ = ["main", "build_parser"]
 # Names and sizes shown in ``verify --help``; they are constants here so that the help needs no
 # import of the runner (torch, sympy). tests/qmanifold/test_cli.py checks them against
 # qmanifold.verify.runner (available_cases, available_variants, DEFAULT_CONFIG, QUICK_CONFIG).
-VERIFY_CASES = ("so2", "se3", "torus", "permutations", "lattice", "so2_user_group")
-VERIFY_DEFAULT_TARGETS = ("so2", "se3", "torus", "permutations", "lattice", "so2_user_group")
+VERIFY_CASES = ("so2", "se3", "torus", "permutations", "lattice", "so2_user_group", "sphere_points", "se3_frames")
+VERIFY_DEFAULT_TARGETS = ("so2", "se3", "torus", "permutations", "lattice", "so2_user_group", "sphere_points", "se3_frames")
 VERIFY_QUICK_SIZES = (2000, 150)  # QUICK_CONFIG.n_samples, QUICK_CONFIG.steps
 VERIFY_VARIANTS = (
     "quotient_ode", "quotient_sde", "quotient_heun", "conventional_ode", "conventional_sde", "sde_paper_sign",
     "sde_no_curvature", "sde_curvature_075", "sde_curvature_125", "garbage_vertical_conventional",
     "garbage_vertical_quotient",
+    # likelihood checks (qmanifold.verify.likelihood_checks.LIKELIHOOD_VARIANTS)
+    "likelihood_route_m", "likelihood_route_q", "likelihood_no_orbit_volume", "likelihood_route_q_no_orbit_volume",
+    "likelihood_wrong_group_volume",
 )
+VERIFY_LIKELIHOOD_SIZES = (16, 40)  # LIKELIHOOD_SIZES["n_samples"], LIKELIHOOD_SIZES["steps"]
 # ``qmanifold bench --sections`` (qmanifold.bench.SECTIONS) and ``qmanifold kernels --groups`` defaults.
 BENCH_SECTIONS = ("copy", "projection", "loss", "sampler")
 KERNEL_GROUPS = ("SE3", "SE2", "Torus2")
@@ -60,17 +64,22 @@ def _add_verify(subparsers) -> None:
         description=(
             "Sample each toy quotient target with each sampler variant, compare invariant features with exact "
             "draws at t = 1/2 and t = 1 (a joint test of feature means and per-feature KS, Bonferroni) and report "
-            "whether positives pass and negative controls fail. Exit code 1 if any verdict is unexpected."
+            "whether positives pass and negative controls fail; on the targets with a closed-form density, check "
+            "log_prob with the exact denoiser against it on Q and on M (the likelihood_* checks). Exit code 1 if any "
+            "verdict is unexpected."
         ),
     )
     n_quick, steps_quick = VERIFY_QUICK_SIZES
     p.add_argument("--quick", action="store_true", help=f"smaller suite for CI ({n_quick} samples, {steps_quick} steps)")
     p.add_argument("--targets", nargs="+", metavar="NAME", help=f"targets to run (default: all of {', '.join(VERIFY_DEFAULT_TARGETS)}); available: {', '.join(VERIFY_CASES)}")
-    p.add_argument("--variants", nargs="+", metavar="NAME", help=f"sampler variants (default: all applicable); available: {', '.join(VERIFY_VARIANTS)}")
-    p.add_argument("--n-samples", type=positive_int, help="samples per variant, compared at t = 1/2 (and at t = 1 unless --final-samples)")
+    p.add_argument("--variants", nargs="+", metavar="NAME", help=f"sampler variants and likelihood checks (default: all applicable); available: {', '.join(VERIFY_VARIANTS)}")
+    p.add_argument("--n-samples", type=positive_int, help="samples per sampler variant, compared at t = 1/2 (and at t = 1 unless --final-samples)")
     p.add_argument("--final-samples", type=positive_int, help="how many of them continue to t = 1 and are compared there")
     p.add_argument("--steps", type=positive_int, help="Euler(-Maruyama) steps")
     p.add_argument("--heun-steps", type=positive_int, help="steps of the Heun sampler")
+    n_lik, steps_lik = VERIFY_LIKELIHOOD_SIZES
+    p.add_argument("--likelihood-samples", type=positive_int, help=f"exact samples per target of the likelihood checks (default {n_lik}; SE(3): 8)")
+    p.add_argument("--likelihood-steps", type=positive_int, help=f"RK4 steps of log_prob in the likelihood checks (default {steps_lik})")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--alpha", type=bounded_float(gt=0, lt=1), default=0.001, help="family-wise test level of each run over checkpoints, tests and features (default 0.001)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -132,6 +141,8 @@ def _run_verify(args) -> int:
         dtype=torch.float32 if args.float32 else torch.float64,
         progress=not args.no_progress,
         plots_dir=args.plots,
+        likelihood_samples=args.likelihood_samples,
+        likelihood_steps=args.likelihood_steps,
     )
     print(format_table(records))
     if args.json:

@@ -1,5 +1,6 @@
 """Verification suite: exact toy targets on quotient spaces (see :mod:`qmanifold.verify.targets`)."""
 
+from .curved_targets import CURVED_TARGETS, CurvedTarget, FrameStar, SphereStar, make_curved_target
 from .matrix_fisher import (
     haar_so3,
     matrix_fisher_log_normalizer,
@@ -22,13 +23,22 @@ from .targets import (
     importance_posterior_mean,
     make_target,
     permutation_mixture_denoise,
+    permutation_mixture_log_density,
     se3_template_denoise,
+    se3_template_log_density,
     so2_template_denoise,
+    so2_template_log_density,
     torus_radial_denoise,
+    torus_radial_log_density,
     wrapped_normal_displacement,
 )
 
 __all__ = [
+    "CURVED_TARGETS",
+    "CurvedTarget",
+    "SphereStar",
+    "FrameStar",
+    "make_curved_target",
     "haar_so3",
     "matrix_fisher_log_normalizer",
     "matrix_fisher_log_normalizer_and_grad",
@@ -52,4 +62,8 @@ __all__ = [
     "torus_radial_denoise",
     "permutation_mixture_denoise",
     "wrapped_normal_displacement",
+    "so2_template_log_density",
+    "se3_template_log_density",
+    "torus_radial_log_density",
+    "permutation_mixture_log_density",
 ]

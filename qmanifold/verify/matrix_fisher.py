@@ -337,6 +337,14 @@ def matrix_fisher_mean(F: torch.Tensor, **quad) -> torch.Tensor:
     :math:`\partial_{s_1}\log c = 1 - \tfrac12\big(\tfrac1{s_1+s_2} + \tfrac1{s_1+s_3}\big) + O(s^{-2})`
     (and cyclically); at :math:`F = 0` it is the zero matrix.
 
+    Near :math:`F = 0` (:math:`\|F\|_F \le 10^{-8}`) it returns the first-order expansion
+    :math:`\mathbb{E}[R] = F/3 + O(\|F\|^2)` (from :math:`\log c(F) = \|F\|_F^2/6 + O(\|F\|^3)`,
+    :math:`\mathbb{E}_{\rm Haar}[R_{ij}R_{kl}] = \delta_{ik}\delta_{jl}/3`; the remainder is
+    :math:`\approx 0.34\,\|F\|^2`, below :math:`4\cdot 10^{-17}` there) instead of the SVD, whose
+    derivative is undefined at :math:`F = 0` (three equal singular values): the exact toy
+    denoiser is evaluated at :math:`\beta = 0` (t = 0) and differentiated there by
+    ``QuotientDiffusion.log_prob``.  Away from that ball the result is the SVD formula, unchanged.
+
     Args:
         F: (..., 3, 3) parameter matrix (float32 or float64).
         **quad: ``n_nodes``, ``levels``, ``ratio``, ``rule`` of the quadrature.
@@ -346,9 +354,16 @@ def matrix_fisher_mean(F: torch.Tensor, **quad) -> torch.Tensor:
     """
     if not F.is_floating_point():
         raise ValueError(f"F must be floating point; got dtype {F.dtype}")
-    U, s, V = proper_svd(F)
+    small = (F.square().sum((-2, -1)) <= _SMALL_F**2)[..., None, None]
+    # the SVD runs on a harmless stand-in inside the ball, so that no NaN reaches the gradient
+    safe = torch.where(small, torch.diag(F.new_tensor([3.0, 2.0, 1.0])), F)
+    U, s, V = proper_svd(safe)
     _, d = matrix_fisher_log_normalizer_and_grad(s, **quad)
-    return (U * d.unsqueeze(-2)) @ V.mT
+    return torch.where(small, F / 3.0, (U * d.unsqueeze(-2)) @ V.mT)
+
+
+#: radius of the ball around F = 0 where :func:`matrix_fisher_mean` uses E[R] = F / 3
+_SMALL_F = 1e-8
 
 
 def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,12 @@ Variants (``expected``):
   vertical part replaced by garbage (a random fundamental field, fresh at every call). The
   quotient sampler projects it away; the conventional one integrates it.
 
+Curved total spaces (``sphere_points``: (S^2)^4 / SO(3); ``se3_frames``: SE(3)^4 frames / SE(3);
+:mod:`qmanifold.verify.curved_targets`) have no exact denoiser for the geodesic interpolant; they give
+a path of laws with exact draws, an exact field and an exact score instead, and run the same variants
+(:func:`qmanifold.verify.curved_targets.sample_variant`) except the half-wrong drifts, which they do
+not resolve at the suite's sizes (``target.default_variants``).
+
 Negative controls exist only where the group has continuous fibres (a mean curvature and a
 vertical space); for discrete groups (permutations, lattices) the quotient map is a local
 isometry and there is nothing for them to get wrong, so only the positive variants run.
@@ -71,6 +77,16 @@ from ..lie import LieGroup
 from ..quotient import Quotient
 from ..schedules import make_interpolant
 from ..sde import SDE, integrate
+from . import curved_targets as _curved
+from .likelihood_checks import (
+    LIKELIHOOD_VARIANTS,
+    format_likelihood_table,
+    likelihood_cost,
+    likelihood_sizes,
+    likelihood_variants_for,
+    run_likelihood_checks,
+    write_likelihood_plot,
+)
 from .targets import ToyTarget, make_target
 
 __all__ = [
@@ -137,7 +153,8 @@ VARIANTS: dict[str, Variant] = {
 
 
 def available_variants() -> tuple[str, ...]:
-    return tuple(VARIANTS)
+    """Sampler variants, then the likelihood checks (:mod:`qmanifold.verify.likelihood_checks`)."""
+    return tuple(VARIANTS) + tuple(LIKELIHOOD_VARIANTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +224,12 @@ def _so2_user_case(**kwargs) -> VerificationCase:
     return VerificationCase("so2_user_group", make_target("so2", **kwargs), Quotient(group))
 
 
+def _curved_case(name: str, **kwargs) -> VerificationCase:
+    """A target of :mod:`qmanifold.verify.curved_targets` on its own curved quotient."""
+    target = _curved.make_curved_target(name, **kwargs)
+    return VerificationCase(name, target, target.quotient)
+
+
 _CASES: dict[str, Callable[..., VerificationCase]] = {
     "so2": lambda **kw: VerificationCase("so2", make_target("so2", **kw), Quotient(_groups.SE2)),
     # the scaled quadrature (6 Gauss-Legendre nodes on 2 x 4 panels graded at each matrix's own
@@ -217,6 +240,9 @@ _CASES: dict[str, Callable[..., VerificationCase]] = {
     "permutations": lambda **kw: VerificationCase("permutations", make_target("permutations", **kw), Quotient(_groups.Permutations())),
     "lattice": lambda **kw: VerificationCase("lattice", make_target("lattice", **kw), Quotient(_groups.Lattice(make_target("lattice", **kw).point_shape[1]))),
     "so2_user_group": _so2_user_case,
+    # curved total spaces (qmanifold/verify/curved_targets.py): exact fields and scores of a path of laws on M
+    "sphere_points": lambda **kw: _curved_case("sphere_points", **kw),
+    "se3_frames": lambda **kw: _curved_case("se3_frames", **kw),
 }
 
 
@@ -405,6 +431,7 @@ class VerificationRecord:
     n_exact: int = 0
     checkpoints: list = field(default_factory=list)
     final_samples: int = 0
+    kind: str = "sampler"  # "likelihood" for the LikelihoodRecord of qmanifold.verify.likelihood_checks
 
     @property
     def ok(self) -> bool:
@@ -580,6 +607,12 @@ def run_case(
     tested = []  # (t, generated, exact)
     if getattr(case.target, "interpolant", "gaussian") == "ve_torus":
         samples = _sample_lattice(case, variant, final_samples, n_steps, gen, dtype, device)
+    elif getattr(case.target, "interpolant", "gaussian") == "geodesic":  # curved M: exact draws of p_t at every checkpoint
+        stops = _checkpoint_indices(times, checkpoints)
+        samples, states = _curved.sample_variant(case, variant, n_samples, times.to(dtype), stops, gen, seed, dtype, device,
+                                                 n_final=final_samples)
+        for i, state in zip(stops, states):
+            tested.append((float(times[i]), state, case.target.sample_marginal(n_exact, float(times[i]), ref_gen, dtype=dtype, device=device)))
     else:
         interp = make_interpolant(interpolant)
         stops = _checkpoint_indices(times, checkpoints)
@@ -669,8 +702,21 @@ _ORIGINAL_VARIANTS = (
 # them continue to t = 1 as keep that bias below the test's resolution (noncentrality
 # n_eff bias^2 <= 1); SE(3)'s SDE variants take 300 steps for a larger final sample.  Heun's bias
 # is unresolvable at these sizes.  grid_power 1.5 takes smaller steps near t = 1.
+# Curved total spaces (docs/verify.md, "Curved total spaces"), the same in both suites: the exact fields
+# are smooth, so 100 Euler steps for the ODEs; the SDE's Euler-Maruyama bias (about 0.03 sd on S^2 at
+# 100 steps, 0.05 on frames at t = 1) sets its steps and final sizes, the no-curvature control's signal
+# at t = 1/2 (about 0.15 sd) its n_samples.
+_CURVED_SIZES = {
+    "sphere_points": {"n_samples": 2000, "final_samples": 1000, "steps": 100, "heun_steps": 20},
+    "sphere_points/sde": {"n_samples": 6000, "final_samples": 1200, "steps": 200},
+    "sphere_points/heun": {"final_samples": 2000},
+    "se3_frames": {"n_samples": 1500, "final_samples": 600, "steps": 100, "heun_steps": 20},
+    "se3_frames/sde": {"n_samples": 3000, "final_samples": 600, "steps": 150},
+    "se3_frames/heun": {"final_samples": 1500},
+}
 DEFAULT_CONFIG = SuiteConfig(
-    targets=("so2", "se3", "torus", "permutations", "lattice", "so2_user_group"), n_samples=4000, steps=200, heun_steps=40,
+    targets=("so2", "se3", "torus", "permutations", "lattice", "so2_user_group", "sphere_points", "se3_frames"),
+    n_samples=4000, steps=200, heun_steps=40,
     overrides={
         **{f"{t}/ode": {"final_samples": 1200} for t in ("so2", "so2_user_group")},
         **{f"{t}/sde": {"n_samples": 16000, "final_samples": 3000} for t in ("so2", "so2_user_group")},
@@ -680,21 +726,31 @@ DEFAULT_CONFIG = SuiteConfig(
         "torus": {"n_samples": 2500, "final_samples": 800},
         "torus/sde": {"n_samples": 2000, "final_samples": 2000},
         "torus/heun": {"final_samples": 2500},
+        **_CURVED_SIZES,
+        # likelihood checks (likelihood_checks.LIKELIHOOD_SIZES: 16 samples, 40 RK4 steps): SE(3)'s exact
+        # divergence costs 4x SO(2)'s per sample, and the error is deterministic, not a sampling error
+        "se3/likelihood": {"n_samples": 8},
     },
     grid_power=1.5,
 )
 # CI: the nine variants that existed before the half-wrong curvature controls (those need the
-# default suite's sample sizes), at smaller sizes; same verdict structure.
-QUICK_CONFIG = SuiteConfig(targets=("so2", "se3", "torus", "permutations", "lattice"), n_samples=2000, steps=150, heun_steps=30,
-                           variants=_ORIGINAL_VARIANTS, grid_power=1.5)
+# default suite's sample sizes), at smaller sizes; same verdict structure; and the likelihood checks.
+QUICK_CONFIG = SuiteConfig(targets=("so2", "se3", "torus", "permutations", "lattice", "sphere_points", "se3_frames"),
+                           n_samples=2000, steps=150, heun_steps=30,
+                           variants=_ORIGINAL_VARIANTS + tuple(LIKELIHOOD_VARIANTS), grid_power=1.5,
+                           overrides={"se3/likelihood": {"n_samples": 8}, **_CURVED_SIZES})
 
 
 def _variants_for(case: VerificationCase, variants: Sequence[str] | None) -> list[Variant]:
-    names = list(variants) if variants else list(VARIANTS)
-    unknown = [v for v in names if v not in VARIANTS]
+    """The sampler variants among ``variants`` (None: all) that apply to ``case``; likelihood check
+    names are accepted and skipped here (:func:`likelihood_variants_for` picks them)."""
+    # a target may name its default variants (the curved ones leave out the half-wrong drifts, which
+    # they cannot resolve at the suite's sizes: docs/verify.md)
+    names = list(variants) if variants else list(getattr(case.target, "default_variants", None) or VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS and v not in LIKELIHOOD_VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(VARIANTS)}")
-    return [VARIANTS[v] for v in names if case.has_fibres or not VARIANTS[v].needs_fibres]
+        raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(available_variants())}")
+    return [VARIANTS[v] for v in names if v in VARIANTS and (case.has_fibres or not VARIANTS[v].needs_fibres)]
 
 
 def estimated_cost(case: VerificationCase, variant: Variant, n_samples: int, steps: int, heun_steps: int | None,
@@ -706,7 +762,7 @@ def estimated_cost(case: VerificationCase, variant: Variant, n_samples: int, ste
     The progress bar's weights, so that its ETA does not jump when a cheap run follows a dear one."""
     n_steps = _steps_for(variant, steps, heun_steps)
     final = n_samples if final_samples is None else final_samples
-    if getattr(case.target, "interpolant", "gaussian") == "gaussian" and checkpoints:
+    if getattr(case.target, "interpolant", "gaussian") in ("gaussian", "geodesic") and checkpoints:
         stops = _checkpoint_indices(time_grid(n_steps, grid_power), checkpoints)
         before = stops[-1] if stops else 0
     else:
@@ -735,19 +791,27 @@ def run_suite(
     dtype: torch.dtype = torch.float64,
     progress: bool = True,
     plots_dir: str | None = None,
+    likelihood_samples: int | None = None,
+    likelihood_steps: int | None = None,
 ) -> list[VerificationRecord]:
     """Run every applicable variant on every target; optionally write PNG histograms.
 
     Sizes: ``n_samples`` / ``steps`` / ``heun_steps`` / ``final_samples`` when given apply to
-    every run (a given ``n_samples`` is also the final sample size unless ``final_samples`` is
+    every sampler run (a given ``n_samples`` is also the final sample size unless ``final_samples`` is
     given), else ``config.sizes(target, variant)`` (a user's :class:`VerificationCase` gets the
     config's base sizes unless its name is in the config).
-    ``variants`` None means ``config.variants`` (None: all applicable). The progress bar is
-    weighted by :func:`estimated_cost`, so that its ETA (remaining cost / cost per second so far)
-    stays put from one run to the next.
+    ``variants`` None means ``config.variants`` (None: all applicable sampler variants and
+    likelihood checks). The likelihood checks of a target (:mod:`qmanifold.verify.likelihood_checks`,
+    targets with a closed-form density) run together, after its sampler variants, sharing their
+    ``log_prob`` solves; their sizes are ``likelihood_samples`` / ``likelihood_steps`` when given,
+    else :func:`likelihood_sizes` (the config's ``"target/likelihood"`` override); they return
+    :class:`~qmanifold.verify.likelihood_checks.LikelihoodRecord` s. The progress bar is
+    weighted by :func:`estimated_cost` (:func:`likelihood_cost`), so that its ETA (remaining cost /
+    cost per second so far) stays put from one run to the next.
     """
     cases = [t if isinstance(t, VerificationCase) else builtin_case(t) for t in targets]
     chosen = variants if variants else config.variants
+    lik_names = list(chosen) if chosen else list(LIKELIHOOD_VARIANTS)
     jobs = []
     for case in cases:
         for variant in _variants_for(case, chosen):
@@ -757,6 +821,10 @@ def run_suite(
             sizes.update({key: value for key, value in given.items() if value is not None})
             cost = estimated_cost(case, variant, **sizes, checkpoints=config.checkpoints, grid_power=config.grid_power)
             jobs.append((case, variant, sizes, cost))
+        checks = tuple(likelihood_variants_for(case, lik_names))
+        if checks:
+            sizes = likelihood_sizes(config, case.name, likelihood_samples, likelihood_steps)
+            jobs.append((case, checks, sizes, likelihood_cost(case, checks, **sizes)))
     if not jobs:
         raise ValueError("nothing to run: no variant applies to the selected targets")
     bar = None
@@ -771,6 +839,17 @@ def run_suite(
     records = []
     try:
         for i, (case, variant, sizes, cost) in enumerate(jobs):
+            if isinstance(variant, tuple):  # the likelihood checks of one case
+                if bar is not None:
+                    bar.set_postfix_str(f"run {i + 1}/{len(jobs)}: {case.name}/likelihood")
+                checked, values = run_likelihood_checks(case, variant, **sizes, seed=seed, device=device, dtype=dtype,
+                                                        return_values=True)
+                records.extend(checked)
+                for rec in checked if plots_dir is not None else ():
+                    write_likelihood_plot(plots_dir, rec, *values[rec.variant])
+                if bar is not None:
+                    bar.update(cost)
+                continue
             if bar is not None:
                 bar.set_postfix_str(f"run {i + 1}/{len(jobs)}: {case.name}/{variant.name}")
             record, samples, exact = run_case(
@@ -798,17 +877,23 @@ def _fmt_effect(value: float) -> str:
 
 
 def format_table(records: Sequence[VerificationRecord]) -> str:
-    """A plain-text table of the records."""
+    """A plain-text table of the records: the sampler runs, then the likelihood checks (their own
+    columns, :func:`~qmanifold.verify.likelihood_checks.format_likelihood_table`)."""
+    checks = [r for r in records if getattr(r, "kind", "sampler") == "likelihood"]
+    runs = [r for r in records if getattr(r, "kind", "sampler") != "likelihood"]
     header = (f"{'target':<16}{'variant':<32}{'expect':<8}{'result':<8}{'KS D':>8}{'p-value':>11}{'W1/sd':>10}{'n':>7}"
               f"{'n@t=1':>7}{'steps':>7}  verdict")
-    lines = [header, "-" * len(header)]
-    for r in records:
+    lines = [header, "-" * len(header)] if runs or not checks else []
+    for r in runs:
         verdict = "ok" if r.ok else "WRONG"
         lines.append(
             f"{r.target:<16}{r.variant:<32}{r.expected:<8}{'pass' if r.passed else 'fail':<8}"
             f"{r.statistic:>8.3f}{r.p_value:>11.2e}{_fmt_effect(r.effect_size):>10}{r.n_samples:>7d}"
             f"{r.final_samples or r.n_samples:>7d}{r.steps:>7d}  {verdict}"
         )
+    if checks:
+        lines.extend([""] if lines else [])
+        lines.extend(format_likelihood_table(checks).splitlines())
     n_ok = sum(r.ok for r in records)
     lines.append("-" * len(header))
     lines.append(f"{n_ok}/{len(records)} verdicts as expected")

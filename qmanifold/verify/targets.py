@@ -69,6 +69,10 @@ __all__ = [
     "permutation_mixture_denoise",
     "wrapped_normal_displacement",
     "importance_posterior_mean",
+    "so2_template_log_density",
+    "se3_template_log_density",
+    "torus_radial_log_density",
+    "permutation_mixture_log_density",
 ]
 
 
@@ -343,6 +347,133 @@ def wrapped_normal_displacement(x_t, sigma, mu: torch.Tensor, tau: torch.Tensor,
     return torch.where(v <= 1.0 / (2.0 * math.pi), direct, fourier)
 
 
+# ----------------------------------------------------------------------------- exact densities
+
+
+def _check_density_inputs(x: torch.Tensor, scale: torch.Tensor | float, who: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 3 or not x.is_floating_point():
+        raise ValueError(f"{who}: expected a floating-point tensor of shape (B, N, d); got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not bool((torch.as_tensor(scale) > 0).all()):
+        raise ValueError(f"{who}: the noise scale must be > 0 for the target to have a density (a zero scale "
+                         f"puts all mass on one orbit); got {torch.as_tensor(scale).tolist()}")
+
+
+def so2_template_log_density(x: torch.Tensor, template: torch.Tensor, sigma: float) -> torch.Tensor:
+    r"""Log-density on M of :math:`x_1 = R_\theta(c + \sigma\xi)` (θ uniform, ξ CoM-free standard Gaussian).
+
+    M is the CoM-free subspace of :math:`\mathbb{R}^{N\times 2}`, of dimension :math:`n = 2(N-1)`,
+    with its Lebesgue measure; ``x`` is centred first.  Given θ, :math:`x_1` is the standard
+    Gaussian of M scaled by σ around :math:`R_\theta c`; averaging over θ with
+    :math:`\langle x, R_\theta c\rangle = a\cos\theta - b\sin\theta` (``a``, ``b`` as in
+    :func:`so2_template_denoise`) gives
+
+    .. math::  q_M(x) = (2\pi\sigma^2)^{-n/2}\,
+               \exp\!\Big(-\frac{|x|^2 + |c|^2}{2\sigma^2}\Big)\, I_0\!\Big(\frac{\sqrt{a^2+b^2}}{\sigma^2}\Big),
+
+    evaluated with the scaled ``i0e`` (:math:`\log I_0(\kappa) = \log \tilde I_0(\kappa) + \kappa`).
+
+    Args:
+        x: (B, N, 2).  template: (N, 2) centred c.  sigma: σ > 0.
+
+    Returns:
+        (B,) log-densities.  Error: machine precision.
+    """
+    _check_density_inputs(x, sigma, "so2_template_log_density")
+    c = template.to(device=x.device, dtype=x.dtype)
+    x = center_points(x)
+    n = 2 * (x.shape[-2] - 1)
+    a = (x * c).sum(dim=(-2, -1))
+    b = (x[..., 0] * c[:, 1] - x[..., 1] * c[:, 0]).sum(-1)
+    kappa = torch.hypot(a, b) / sigma**2
+    return (-0.5 * n * math.log(2.0 * math.pi * sigma**2) - (x.square().sum((-2, -1)) + c.square().sum()) / (2.0 * sigma**2)
+            + torch.log(torch.special.i0e(kappa)) + kappa)
+
+
+def se3_template_log_density(x: torch.Tensor, template: torch.Tensor, sigma: float, **quad) -> torch.Tensor:
+    r"""Log-density on M of :math:`x_1 = R(c + \sigma\xi)` (R Haar on SO(3), ξ CoM-free standard Gaussian).
+
+    M is the CoM-free subspace of :math:`\mathbb{R}^{N\times 3}`, of dimension :math:`n = 3(N-1)`,
+    with its Lebesgue measure; ``x`` is centred first.  Given R, :math:`x_1` is the standard
+    Gaussian of M scaled by σ around :math:`Rc`, and
+    :math:`|x - Rc|^2 = |x|^2 + |c|^2 - 2\sum_n x_n^\top R c_n = |x|^2 + |c|^2 - 2\sigma^2\operatorname{tr}(F^\top R)`
+    with :math:`F = \sigma^{-2}\sum_n x_n c_n^\top`, so averaging over the normalised Haar
+    measure gives the matrix Fisher normaliser :math:`c(F) = \int_{SO(3)} e^{\operatorname{tr}(F^\top R)}dR`:
+
+    .. math::  q_M(x) = (2\pi\sigma^2)^{-n/2}\,
+               \exp\!\Big(-\frac{|x|^2 + |c|^2}{2\sigma^2}\Big)\; c(F),
+               \qquad c(F) = c(\operatorname{diag}(s)),
+
+    with s the proper singular values of F (:func:`~qmanifold.verify.matrix_fisher.proper_svd`;
+    :math:`s_3 < 0` when :math:`\det F < 0`: a mirror image of the template is less likely than the
+    template, the density is chiral) and :math:`\log c` from
+    :func:`~qmanifold.verify.matrix_fisher.matrix_fisher_log_normalizer` (the 1-D Bessel integral).
+    The large terms :math:`-(|x|^2+|c|^2)/(2\sigma^2)` and :math:`s_1+s_2+s_3` cancel to a rounding
+    error of about :math:`10^{-16}(|x|^2+|c|^2)/\sigma^2`.
+
+    Args:
+        x: (B, N, 3).  template: (N, 3) centred c.  sigma: σ > 0.
+        quad: quadrature options of the normaliser (default: the 736-node fixed rule, relative
+            error < 1e-12 for :math:`\|F\| \le 10^8`).
+
+    Returns:
+        (B,) log-densities.  Not differentiable at :math:`F = 0` (the SVD); use it for values.
+    """
+    from .matrix_fisher import matrix_fisher_log_normalizer, proper_svd
+
+    _check_density_inputs(x, sigma, "se3_template_log_density")
+    c = template.to(device=x.device, dtype=x.dtype)
+    x = center_points(x)
+    n = 3 * (x.shape[-2] - 1)
+    _, s, _ = proper_svd(x.mT @ c / sigma**2)
+    log_c = matrix_fisher_log_normalizer(s, **quad)
+    return -0.5 * n * math.log(2.0 * math.pi * sigma**2) - (x.square().sum((-2, -1)) + c.square().sum()) / (2.0 * sigma**2) + log_c
+
+
+def torus_radial_log_density(x: torch.Tensor, mu: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    r"""Log-density on :math:`M = \mathbb{C}^k = (\mathbb{R}^2)^k` of independent
+    :math:`z_j = e^{i\phi_j}(\mu_j + \tau_j\xi_j)` (:math:`\phi_j` uniform, :math:`\xi_j \sim N(0, I_2)`).
+
+    Each point is a 2-D Gaussian :math:`N((\mu_j, 0), \tau_j^2 I)` averaged over rotations:
+
+    .. math::  q_M(x) = \prod_j \frac{1}{2\pi\tau_j^2}
+               \exp\!\Big(-\frac{r_j^2 + \mu_j^2}{2\tau_j^2}\Big) I_0\!\Big(\frac{\mu_j r_j}{\tau_j^2}\Big),
+               \qquad r_j = |x_j| .
+
+    Args:
+        x: (B, k, 2) (no centring).  mu: (k,) >= 0.  tau: (k,) > 0.
+
+    Returns:
+        (B,) log-densities.  Error: machine precision.
+    """
+    _check_density_inputs(x, tau, "torus_radial_log_density")
+    mu = mu.to(device=x.device, dtype=x.dtype)
+    tau = tau.to(device=x.device, dtype=x.dtype)
+    r2 = x.square().sum(-1)
+    kappa = mu * r2.sqrt() / tau**2
+    per_point = (-torch.log(2.0 * math.pi * tau**2) - (r2 + mu * mu) / (2.0 * tau**2)
+                 + torch.log(torch.special.i0e(kappa)) + kappa)
+    return per_point.sum(-1)
+
+
+def permutation_mixture_log_density(x: torch.Tensor, permuted_means: torch.Tensor, tau: float) -> torch.Tensor:
+    r"""Log-density on :math:`M = \mathbb{R}^n` of :math:`x_1 = P(m + \tau\xi)`, P uniform in :math:`S_n`:
+    the uniform mixture :math:`q_M(x) = \frac{1}{n!}\sum_P N(x; Pm, \tau^2 I_n)` (log-sum-exp).
+
+    Args:
+        x: (B, n, 1).  permuted_means: (n!, n) all permutations of m.  tau: τ > 0.
+
+    Returns:
+        (B,) log-densities.  Error: machine precision.
+    """
+    _check_density_inputs(x, tau, "permutation_mixture_log_density")
+    Pm = permuted_means.to(device=x.device, dtype=x.dtype)
+    n = x.shape[-2]
+    sq = (x[..., 0].unsqueeze(-2) - Pm).square().sum(-1)  # (B, n!)
+    return (torch.logsumexp(-sq / (2.0 * tau**2), dim=-1) - math.log(Pm.shape[0])
+            - 0.5 * n * math.log(2.0 * math.pi * tau**2))
+
+
 def importance_posterior_mean(x_t, ahat, beta, pool: torch.Tensor, *, chunk: int = 65536):
     r"""Brute-force Monte-Carlo posterior mean by self-normalised importance weighting.
 
@@ -390,7 +521,8 @@ class ToyTarget:
         "ve_torus" (x_t = wrap(x_1 + σ ε)).  relative_cost: measured seconds per sample and
         denoiser evaluation in the verification runner (sampler step and tests included), relative
         to the SO(2) toy's ODE; sde_cost: the SDE samplers' factor on top (the mean curvature and
-        the noise).  Both only weight the runner's progress bar.
+        the noise).  Both only weight the runner's progress bar.  has_density: whether
+        :meth:`log_density` (closed form on M and on Q) is available.
     """
 
     name: str = ""
@@ -398,6 +530,7 @@ class ToyTarget:
     com_free: bool = False
     interpolant: str = "gaussian"
     point_shape: tuple[int, int] = (0, 0)
+    has_density: bool = False
     relative_cost: float = 1.0
     sde_cost: float = 1.0
 
@@ -432,6 +565,30 @@ class ToyTarget:
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def log_density(self, x: torch.Tensor, space: str = "total") -> torch.Tensor:
+        r"""Exact log-density of the target at ``x`` (B, N, d): (B,).
+
+        ``space="total"``: on M (the CoM-free subspace with its Lebesgue measure when
+        ``com_free``, else :math:`\mathbb{R}^{N d}`), the convention of
+        ``QuotientDiffusion.log_prob``.  ``space="quotient"``: on Q = M/G with its Riemannian
+        volume, :math:`\log q_Q(\pi x) = \log q_M(x) + \log \mathrm{vol}(G x)`
+        (:meth:`log_orbit_volume`, written out per target).  Only targets with ``has_density``.
+        """
+        if space not in ("total", "quotient"):
+            raise ValueError(f"space must be 'total' or 'quotient'; got {space!r}")
+        if not self.has_density:
+            raise NotImplementedError(f"{type(self).__name__} has no closed-form density")
+        _check_x(x, self.point_shape, f"{type(self).__name__}.log_density")
+        log_m = self._log_density_total(x)
+        return log_m if space == "total" else log_m + self.log_orbit_volume(x)
+
+    def _log_density_total(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def log_orbit_volume(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """log of the volume of the group orbit of ``x`` in M (Riemannian, Euclidean metric): (B,)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, point_shape={self.point_shape}, group={self.group_name})"
 
@@ -450,7 +607,8 @@ class SO2Template(ToyTarget):
     (equivalently SE(2) with translations quotiented out by centring); ``com_free = True``.
 
     Exact denoiser: :func:`so2_template_denoise` (von Mises posterior over θ, closed form
-    with the Bessel ratio :math:`I_1/I_0`; error at machine precision).
+    with the Bessel ratio :math:`I_1/I_0`; error at machine precision).  Exact density:
+    :func:`so2_template_log_density` on M, times :math:`2\pi|\bar x|` on Q (:meth:`log_density`).
 
     Features: pairwise distances ``dist_i_j``, radii ``radius_i`` (distance to the
     centroid), signed cross products ``cross_i`` = :math:`\bar x_i \times \bar x_{i+1}`
@@ -463,6 +621,7 @@ class SO2Template(ToyTarget):
     name = "so2"
     group_name = "SO2"
     com_free = True
+    has_density = True
 
     def __init__(self, template=None, sigma_data: float = 0.1):
         c = _float_tensor(_SO2_DEFAULT if template is None else template, "template")
@@ -493,6 +652,13 @@ class SO2Template(ToyTarget):
         out["log_orbit_volume"] = 0.5 * torch.log(x.square().sum(dim=(-2, -1)))
         return out
 
+    def _log_density_total(self, x):
+        return so2_template_log_density(x, self.template, self.sigma_data)
+
+    def log_orbit_volume(self, x):
+        r""":math:`\log(2\pi|\bar x|)`: the SO(2) orbit of the centred :math:`\bar x` is a circle of radius :math:`|\bar x|`."""
+        return math.log(2.0 * math.pi) + 0.5 * torch.log(center_points(x).square().sum(dim=(-2, -1)))
+
 
 class SE3Template(ToyTarget):
     r"""A "molecule under random SE(3) transformations": :math:`x_1 = R(c + \sigma\xi)`.
@@ -507,7 +673,9 @@ class SE3Template(ToyTarget):
     :mod:`qmanifold.verify.matrix_fisher`; with the default fixed rule the relative
     quadrature error is < 1e-12 in float64, also as ahat -> 0 where the posterior concentrates;
     ``**quad`` picks another rule, e.g. the verification runner's ``rule="scaled", n_nodes=6,
-    levels=3``, within 3.4e-8 along its sampling paths).
+    levels=3``, within 3.4e-8 along its sampling paths).  Exact density:
+    :func:`se3_template_log_density` on M (a Gaussian term times the matrix Fisher normaliser),
+    times :math:`8\pi^2\sqrt{\det K}` on Q (:meth:`log_density`).
 
     Features: pairwise distances ``dist_i_j``, radii ``radius_i``, for N >= 4 signed
     volumes ``volume_i`` = det(x_{i+1}-x_i, x_{i+2}-x_i, x_{i+3}-x_i) (chirality), and
@@ -520,6 +688,7 @@ class SE3Template(ToyTarget):
     name = "se3"
     group_name = "SE3"
     com_free = True
+    has_density = True
     relative_cost = 8.0  # the runner's matrix Fisher quadrature (48 nodes, 4 Bessel functions each), an SVD
 
     def __init__(self, template=None, sigma_data: float = 0.1, **quad):
@@ -554,6 +723,19 @@ class SE3Template(ToyTarget):
         out["log_orbit_volume"] = 0.5 * torch.logdet(inertia)
         return out
 
+    def _log_density_total(self, x):
+        # the reference rule (736 nodes), not the runner's faster sampling rule
+        return se3_template_log_density(x, self.template, self.sigma_data)
+
+    def log_orbit_volume(self, x):
+        r""":math:`\log(8\pi^2\sqrt{\det K(\bar x)})`: the orbit map :math:`R \mapsto R\bar x` pulls the
+        Euclidean metric back to the left-invariant metric with matrix K (the inertia tensor) in the
+        basis :math:`L_a v = e_a\times v` of so(3), in which SO(3) has volume :math:`8\pi^2`."""
+        x = center_points(x)
+        sq = x.square().sum(dim=(-2, -1))
+        inertia = sq[:, None, None] * torch.eye(3, dtype=x.dtype, device=x.device) - x.mT @ x
+        return math.log(8.0 * math.pi**2) + 0.5 * torch.logdet(inertia)
+
 
 class TorusRadial(ToyTarget):
     r"""The k-torus of phases :math:`U(1)^k` acting on :math:`\mathbb{C}^k \cong (\mathbb{R}^2)^k`.
@@ -570,6 +752,7 @@ class TorusRadial(ToyTarget):
     """
 
     name = "torus"
+    has_density = True
     relative_cost = 0.8
     sde_cost = 1.8
     group_name = "Torus"
@@ -611,6 +794,13 @@ class TorusRadial(ToyTarget):
         out["log_orbit_volume"] = torch.log(r).sum(-1)
         return out
 
+    def _log_density_total(self, x):
+        return torus_radial_log_density(x, self.mu, self.tau)
+
+    def log_orbit_volume(self, x):
+        r""":math:`\sum_j \log(2\pi r_j)`: the orbit is a product of circles of radii :math:`r_j = |z_j|`."""
+        return torch.log(2.0 * math.pi * x.norm(dim=-1)).sum(-1)
+
 
 class PermutationMixture(ToyTarget):
     r"""Symmetrised Gaussian on :math:`\mathbb{R}^n` (point shape (n, 1)): :math:`x_1 = P(m + \tau\xi)`.
@@ -625,6 +815,7 @@ class PermutationMixture(ToyTarget):
     """
 
     name = "permutations"
+    has_density = True
     relative_cost = 0.3
     group_name = "Permutations"
     com_free = False
@@ -658,6 +849,13 @@ class PermutationMixture(ToyTarget):
         out.update({f"gap_{i}": s[:, i + 1] - s[:, i] for i in range(self.n - 1)})
         out["mean"] = s.mean(-1)
         return out
+
+    def _log_density_total(self, x):
+        return permutation_mixture_log_density(x, self.permuted_means, self.tau)
+
+    def log_orbit_volume(self, x):
+        r""":math:`\log n!`: a generic orbit is n! points (counting measure; ties are a null set)."""
+        return torch.full(x.shape[:1], math.lgamma(self.n + 1.0), dtype=x.dtype, device=x.device)
 
 
 class WrappedNormalLattice(ToyTarget):
