@@ -256,6 +256,21 @@ def _select_graphs(args, elements, heavy_atoms_only: bool):
     return graphs_from_dataset(part, args.data, rows)
 
 
+def _ensemble_graphs(args, elements, heavy_atoms_only: bool):
+    """``sample -n``: the one graph of the ensemble in ``--data`` (file atom order), as a list."""
+    from qmanifold.models.sampling import ensemble_graph
+    from qmanifold.models.training import load_molecules
+
+    if args.smiles:
+        raise ValueError("-n/--n samples the ensemble of one molecule in --data; with --smiles use --n-per-molecule")
+    if args.limit is not None or args.n_per_molecule != 1:
+        raise ValueError("-n/--n replaces --limit / --n-per-molecule (it samples N conformers of the one molecule "
+                         "of --data); drop those options")
+    ds = load_molecules(args.data, heavy_atoms_only=heavy_atoms_only, max_atoms=args.max_atoms,
+                        elements=elements, progress=True)
+    return [ensemble_graph(ds, args.data)]
+
+
 # ----------------------------------------------------------------------------------------------
 # sample
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +286,11 @@ def _add_sample(sub) -> None:
                         "stereo-aware; see qmanifold/models/pretrained/PROVENANCE.md)")
     _add_molecule_args(p, need_checkpoint=True)
     p.add_argument("--n-per-molecule", type=positive_int, default=1, help="conformers per molecule M (default 1)")
+    p.add_argument("-n", "--n", dest="n_ensemble", type=positive_int, default=None, metavar="N",
+                   help="ensemble mode: --data holds conformations of ONE molecule (an ensemble .npz, e.g. MD); "
+                        "sample N conformers of that molecule, atoms in the file's order, every record labelled "
+                        "by the molecule (qm_source <data>:molecule, qm_ensemble 1), not by a frame. Use "
+                        "--refine none for Boltzmann sampling (MMFF minimisation removes the thermal spread)")
     p.add_argument("--refine", default="mmff", choices=("none", "mmff"),
                    help="after sampling: MMFF94 minimisation of the complete molecule, hydrogens included, which "
                         "keeps the sampled conformer and cleans up its local geometry (default mmff; none: the raw "
@@ -327,10 +347,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
             and {args.data.strip().lower(), trained_on.lower()} <= {"qm9", "qm9-edm", "qm9_edm"}:
         print(f"[qmanifold] note: the checkpoint was trained on the {trained_on} splits; the {args.split} split of "
               f"{args.data} overlaps its training molecules (use --data {trained_on} for held-out ones)")
-    graphs = _select_graphs(args, data["elements"], bool(data.get("heavy_atoms_only", False)))
+    n_per_molecule = args.n_per_molecule
+    if args.n_ensemble is not None:
+        graphs = _ensemble_graphs(args, data["elements"], bool(data.get("heavy_atoms_only", False)))
+        n_per_molecule = args.n_ensemble
+    else:
+        graphs = _select_graphs(args, data["elements"], bool(data.get("heavy_atoms_only", False)))
     t0 = time.time()
     stats: dict = {}
-    confs = sample_conformers(qd, graphs, args.n_per_molecule, steps=args.steps, sampler=args.sampler,
+    confs = sample_conformers(qd, graphs, n_per_molecule, steps=args.steps, sampler=args.sampler,
                               seed=args.seed, batch_size=args.batch_size, device=device,
                               progress=not args.no_progress, geometry=args.geometry,
                               stereo_retries=args.stereo_retries, stereo_repair=not args.no_stereo_repair, stats=stats)
@@ -355,6 +380,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
              "qm_stereo_retries": args.stereo_retries, "qm_stereo_repair": int(not args.no_stereo_repair)}
     if args.no_hydrogens and args.refine != "none":
         props["qm_refine"] = f"{args.refine} (with hydrogens placed; hydrogens not written)"
+    if args.n_ensemble is not None:
+        props["qm_ensemble"] = 1
     records = make_records(graphs, confs, props, complete=complete, hydrogens=not args.no_hydrogens)
     write_sdf(args.out, records)
     if args.xyz:
@@ -387,6 +414,17 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--plots", default=None, help="directory for PNG plots")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file and --plots PNGs")
     p.add_argument("--threshold", type=bounded_float(gt=0), default=0.5, help="coverage threshold in Å (default 0.5)")
+    g = p.add_argument_group("ensemble mode (one molecule, many conformations)")
+    g.add_argument("--ensemble", action="store_true",
+                   help="score the samples (one molecule) against all frames of --reference, an ensemble .npz such as "
+                        "an independent MD run, atoms matched by index; automatic for records of `sample -n`")
+    g.add_argument("--reference-split", default="all", choices=("train", "valid", "test", "all"),
+                   help="frames of --reference used in ensemble mode (default all)")
+    g.add_argument("--max-reference", type=positive_int, default=5000,
+                   help="ensemble mode: at most this many reference frames, drawn with --seed (default 5000)")
+    g.add_argument("--max-rmsd", type=positive_int, default=500,
+                   help="ensemble mode: COV/AMR on at most this many generated x reference conformers (default 500)")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the ensemble-mode subsets (default 0)")
     p.add_argument("--no-progress", action="store_true")
     add_debug_flag(p, subcommand=True)
     p.set_defaults(func=cmd_evaluate)
@@ -399,10 +437,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_outputs({"--samples": args.samples, "--reference": _input_path(args.reference)},
                   {"--json": args.json}, {"--plots": args.plots}, overwrite=args.overwrite)
 
-    from qmanifold.models.evaluation import evaluate_samples, plot_evaluation, write_json
+    from qmanifold.models.evaluation import (
+        evaluate_ensemble,
+        evaluate_samples,
+        plot_evaluation,
+        read_sdf_records,
+        write_json,
+    )
 
-    res = evaluate_samples(args.samples, reference=args.reference, threshold=args.threshold,
-                           progress=not args.no_progress, keep_values=bool(args.plots))
+    records = read_sdf_records(args.samples)
+    ensemble = args.ensemble or all(r["props"].get("qm_ensemble") == "1" for r in records)
+    if ensemble:
+        res = evaluate_ensemble(records, reference=args.reference, split=args.reference_split,
+                                threshold=args.threshold, max_reference=args.max_reference, max_rmsd=args.max_rmsd,
+                                seed=args.seed, progress=not args.no_progress, keep_values=bool(args.plots))
+        res["samples"] = args.samples
+    else:
+        res = evaluate_samples(args.samples, reference=args.reference, threshold=args.threshold,
+                               progress=not args.no_progress, keep_values=bool(args.plots))
     write_json(args.json, res)
     if args.plots:
         title = " ".join(str(v) for k, v in res["method"].items() if k in ("qm_method", "qm_model", "qm_loss"))
@@ -414,6 +466,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                  f"AMR-P {cov['AMR-P']:.3f} Å (threshold {args.threshold} Å)")
     if res.get("connectivity_match") is not None:
         line += f"; connectivity ok {100 * res['connectivity_match']:.1f}%"
+    if ensemble:
+        line += (f"; ensemble vs {res['num_reference_frames_used']} reference frames: bond W1 "
+                 f"{res['bond_length_w1_pooled']:.4f} Å (pooled), stereo match {100 * res['stereo_match']:.1f}%")
     print(line + f" -> {args.json}")
     return 0
 

@@ -27,6 +27,11 @@ Validity: the fraction of conformers whose connectivity, re-perceived from the c
 RDKit (``rdDetermineBonds.DetermineConnectivity``, covalent radii), equals the graph's
 (bond orders ignored); reported for the references as well (a few QM9 geometries fail it too).
 
+Ensembles of one molecule (:func:`evaluate_ensemble`, ``qmanifold evaluate --ensemble``): the
+samples of ``qmanifold sample --data ens.npz -n N`` against all frames of a reference ensemble (an
+independent MD run), atoms matched by index: bond-length/angle W1, COV/AMR on Kabsch RMSDs between
+subsets, stereo agreement, connectivity.
+
 Output: a JSON-serialisable dict (:func:`evaluate_samples`) and optional PNG plots
 (:func:`plot_evaluation`: RMSD histogram, bond-length and bond-angle histograms).
 """
@@ -51,6 +56,8 @@ __all__ = [
     "distribution_distances",
     "connectivity_matches",
     "evaluate_samples",
+    "evaluate_ensemble",
+    "kabsch_rmsd_matrix",
     "plot_evaluation",
     "write_json",
     "summarize_runs",
@@ -469,6 +476,159 @@ def evaluate_samples(samples: str | os.PathLike | Sequence[dict], reference: str
                              "gen_lengths": gen_len, "ref_lengths": ref_len, "gen_angles": gen_ang,
                              "ref_angles": ref_ang}
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# ensemble to ensemble
+# ----------------------------------------------------------------------------------------------
+
+
+def kabsch_rmsd_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """RMSD (Å) after optimal superposition by a proper rotation (Kabsch; reflections excluded, so
+    mirror images stay apart), atoms matched by index: ``a`` ``(G, N, 3)``, ``b`` ``(R, N, 3)`` ->
+    ``(G, R)``. From the singular values ``s`` of ``A_c^T B_c``:
+    ``N rmsd^2 = |A_c|^2 + |B_c|^2 - 2 (s_1 + s_2 + sign(det) s_3)``."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.ndim != 3 or b.ndim != 3 or a.shape[1:] != b.shape[1:] or a.shape[2] != 3:
+        raise ValueError(f"kabsch_rmsd_matrix needs (G, N, 3) and (R, N, 3), got {a.shape} and {b.shape}")
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    h = np.einsum("gni,rnj->grij", a, b)
+    s = np.linalg.svd(h, compute_uv=False)
+    d = np.sign(np.linalg.det(h))
+    trace = s[..., 0] + s[..., 1] + np.where(d < 0, -1.0, 1.0) * s[..., 2]
+    sq = (a * a).sum((1, 2))[:, None] + (b * b).sum((1, 2))[None, :] - 2.0 * trace
+    return np.sqrt(np.maximum(sq, 0.0) / a.shape[1])
+
+
+def evaluate_ensemble(samples: str | os.PathLike | Sequence[dict], reference: str | None = None, *,
+                      split: str = "all", threshold: float = 0.5, max_reference: int = 5000, max_rmsd: int = 500,
+                      seed: int = 0, progress: bool = True, keep_values: bool = False) -> dict:
+    """Ensemble-to-ensemble scoring: the conformers of ONE molecule (an SDF of ``qmanifold sample
+    --data ens.npz -n N``) against the conformations of that molecule in ``reference`` (an ensemble
+    ``.npz``, e.g. an independent MD run; default: the records' ``qm_dataset``), atoms matched by
+    index (the sample keeps the file's atom order; checked).
+
+    Metrics (reference frames: ``split`` of the reference, at most ``max_reference`` of them drawn
+    with ``seed``):
+
+    * ``bond_length_w1`` / ``bond_angle_w1``: per-type 1-D W1 as in :func:`evaluate_samples`;
+      ``bond_length_w1_pooled``: W1 (Å) of all bond lengths pooled; ``bond_length_w1_per_bond``:
+      the mean over bonds of the W1 of each bond's length (atom order makes bonds comparable);
+    * ``coverage``: COV/AMR (:func:`coverage_metrics`) on heavy-atom RMSDs after Kabsch superposition
+      with atoms matched by index (:func:`kabsch_rmsd_matrix`; no symmetry search) between at most
+      ``max_rmsd`` generated and ``max_rmsd`` reference conformers (seeded subsets);
+    * ``stereo_match``: fraction of samples whose isomeric SMILES perceived from 3-D equals the
+      most common one of (at most 200) reference frames (``reference_stereo``: that SMILES and its
+      frequency); a mirror image or an inverted centre counts as a mismatch;
+    * ``connectivity_match``: as in :func:`evaluate_samples`.
+
+    Raises:
+        ValueError: records of more than one molecule, a reference that is not one molecule, or
+            elements / connectivity that differ from the reference in atom order.
+    """
+    from scipy.stats import wasserstein_distance
+
+    from qmanifold.models.sampling import ensemble_graph, stereo_properties
+    from qmanifold.models.training import dataset_split, select_rows
+
+    path = None
+    if isinstance(samples, (str, os.PathLike)):
+        path = os.fspath(samples)
+        records = read_sdf_records(path)
+    else:
+        records = list(samples)
+    if not records:
+        raise ValueError("no records to evaluate")
+    props = records[0]["props"]
+    spec = reference or props.get("qm_dataset", "")
+    if not spec:
+        raise ValueError(f"{path or 'samples'}: no --reference given and the records name no qm_dataset")
+    heavy = props.get("qm_heavy_atoms_only", "0") in ("1", "True", "true")
+    if heavy:
+        records = [_without_added_hydrogens(r) for r in records]
+    z0, conn0 = records[0]["atomic_numbers"], records[0]["bond_types"] > 0
+    for rec in records[1:]:
+        if not (np.array_equal(rec["atomic_numbers"], z0) and np.array_equal(rec["bond_types"] > 0, conn0)):
+            raise ValueError(f"{path or 'samples'}: record {rec.get('record', '?')} is a different molecule (or atom "
+                             "order) than record 0; ensemble mode scores the conformers of one molecule")
+    ds = dataset_split(_load_reference(spec, heavy, {}), split)
+    graph = ensemble_graph(ds, spec)
+    if not np.array_equal(graph.atomic_numbers, z0):
+        raise ValueError(f"the samples' elements in atom order {_formula_order(z0)} differ from the reference's "
+                         f"{_formula_order(graph.atomic_numbers)} ({spec}); ensemble mode matches atoms by index")
+    if not np.array_equal(graph.bond_types > 0, conn0):
+        raise ValueError(f"the samples' bond graph differs from the reference's ({spec})")
+    n_atoms = z0.shape[0]
+    ref_all = np.asarray(ds.all_positions, dtype=np.float64).reshape(len(ds), n_atoms, 3)
+    rows = select_rows(len(ds), max_reference, seed=seed)
+    ref = ref_all[rows]
+    gen = np.stack([r["positions"] for r in records])
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records) + len(ref), desc="ensemble geometry", unit="conf", dynamic_ncols=True)
+    gen_len: dict[str, list] = {}
+    gen_ang: dict[str, list] = {}
+    ref_len: dict[str, list] = {}
+    ref_ang: dict[str, list] = {}
+    conn_ok = 0
+    try:
+        for rec in records:
+            bl, ba = bond_geometry(rec["positions"], z0, rec["bond_types"])
+            _merge_geometry(gen_len, bl)
+            _merge_geometry(gen_ang, ba)
+            conn_ok += int(connectivity_matches(rec["positions"], z0, rec["bond_types"]))
+            if bar is not None:
+                bar.update(1)
+        for x in ref:
+            bl, ba = bond_geometry(x, graph.atomic_numbers, graph.bond_types)
+            _merge_geometry(ref_len, bl)
+            _merge_geometry(ref_ang, ba)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    ii, jj = np.nonzero(np.triu(graph.bond_types, 1))
+    lg = np.linalg.norm(gen[:, ii] - gen[:, jj], axis=-1)
+    lr = np.linalg.norm(ref[:, ii] - ref[:, jj], axis=-1)
+    per_bond = [float(wasserstein_distance(lg[:, k], lr[:, k])) for k in range(ii.size)]
+    heavy_idx = np.nonzero(z0 != 1)[0] if np.any(z0 != 1) else np.arange(n_atoms)
+    g_sub = gen[select_rows(len(gen), max_rmsd, seed=seed)][:, heavy_idx]
+    r_sub = ref[select_rows(len(ref), max_rmsd, seed=seed + 1)][:, heavy_idx]
+    rmsd = kabsch_rmsd_matrix(g_sub, r_sub)
+    stereo_ref = [stereo_properties(graph, x)["qm_stereo_smiles"] for x in ref[select_rows(len(ref), 200, seed=seed)]]
+    values, counts = np.unique(np.asarray(stereo_ref, dtype=object).astype(str), return_counts=True)
+    top = str(values[np.argmax(counts)])
+    stereo_gen = [stereo_properties(graph, rec["positions"])["qm_stereo_smiles"] for rec in records]
+    shared = {k: v for k, v in props.items() if k not in _PER_RECORD_PROPS and all(r["props"].get(k) == v for r in records)}
+    result: dict[str, Any] = {
+        "mode": "ensemble", "samples": path, "reference": spec, "reference_split": split,
+        "threshold": float(threshold), "method": shared, "num_records": len(records), "num_molecules": 1,
+        "num_reference_frames": len(ds), "num_reference_frames_used": len(ref),
+        "atom_order": "matched by index (checked: same elements and bond graph in the same order)",
+        "coverage": dict(coverage_metrics([rmsd], threshold), num_generated=len(g_sub),
+                         num_reference=len(r_sub), rmsd="heavy atoms, Kabsch (proper rotations), atoms by index"),
+        "connectivity_match": conn_ok / len(records),
+        "bond_length_w1": distribution_distances(gen_len, ref_len),
+        "bond_angle_w1": distribution_distances(gen_ang, ref_ang),
+        "bond_length_w1_pooled": float(wasserstein_distance(lg.ravel(), lr.ravel())),
+        "bond_length_w1_per_bond": {"mean": float(np.mean(per_bond)), "max": float(np.max(per_bond)),
+                                    "bonds": [[int(i), int(j), w] for i, j, w in zip(ii, jj, per_bond)]},
+        "stereo_match": float(np.mean([s == top for s in stereo_gen])),
+        "reference_stereo": {"smiles": top, "fraction": float(counts.max() / counts.sum()), "frames": int(counts.sum())},
+    }
+    if keep_values:
+        result["_values"] = {"rmsd": rmsd.ravel().tolist(), "min_rmsd": rmsd.min(1).tolist(), "gen_lengths": gen_len,
+                             "ref_lengths": ref_len, "gen_angles": gen_ang, "ref_angles": ref_ang}
+    return result
+
+
+def _formula_order(z: np.ndarray) -> str:
+    return "".join(_symbol(int(v)) for v in np.asarray(z)[:12]) + ("..." if len(z) > 12 else "")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Pieces (functional core; the ``sample`` command in :mod:`qmanifold.models.cli` s
   3 triple / 4 aromatic), an identifier, the SMILES and, for dataset molecules, the reference
   geometry ``(N, 3)`` in Å;
 * :func:`graph_from_smiles` / :func:`graphs_from_dataset` -- build them (RDKit for SMILES);
+  :func:`ensemble_graph` -- the one graph of an ensemble of one molecule (file atom order);
 * :func:`sample_conformers` -- ``M`` conformers per graph with a :class:`~qmanifold.QuotientDiffusion`
   (the sampler geometry follows the training loss: quotient samplers for ``loss="quotient"``,
   conventional ones for the baselines -- ``QuotientDiffusion`` does this by default);
@@ -51,6 +52,7 @@ __all__ = [
     "MolGraph",
     "graph_from_smiles",
     "graphs_from_dataset",
+    "ensemble_graph",
     "template_mol",
     "mol_with_coordinates",
     "sample_conformers",
@@ -232,6 +234,35 @@ def graphs_from_dataset(ds, spec: str, rows: Iterable[int] | None = None) -> lis
             positions=it["positions"].astype(np.float64), heavy_atoms_only=bool(ds.heavy_atoms_only),
         ))
     return out
+
+
+def ensemble_graph(ds, spec: str) -> MolGraph:
+    """The one :class:`MolGraph` of an ensemble of conformations of one molecule (``qmanifold sample
+    --data ens.npz -n N``): the atoms in the file's order (hydrogens too unless the data set is
+    heavy-atom only), the graph and SMILES of the first item, its geometry as the reference that the
+    stereo labels are read from. ``source`` is ``"<spec>:molecule"`` and ``index`` -1, so records
+    are labelled by the molecule and not by an arbitrary frame.
+
+    Raises:
+        MoleculeInputError: the items are not all the same molecule (atom count, elements in order,
+            or bond graph differ), or ``ds`` is empty.
+    """
+    if len(ds) == 0:
+        raise MoleculeInputError(f"{spec}: no conformations to take the molecule from")
+    first = ds.get_numpy(0)
+    z0, b0 = first["atomic_numbers"].astype(np.int64), first["bond_types"].astype(np.int64)
+    counts = np.diff(np.asarray(ds.atom_offsets))
+    if np.any(counts != z0.shape[0]):
+        raise MoleculeInputError(f"{spec}: not one molecule: items have {sorted(set(counts.tolist()))[:5]} atoms; "
+                                 "-n samples one molecule's ensemble (use --n-per-molecule for a set of molecules)")
+    if not np.array_equal(np.asarray(ds.all_atomic_numbers).reshape(len(ds), -1), np.tile(z0, (len(ds), 1))):
+        raise MoleculeInputError(f"{spec}: not one molecule: the elements (in atom order) differ between items")
+    for k in np.unique(np.linspace(0, len(ds) - 1, min(len(ds), 64)).astype(np.int64))[1:]:
+        if not np.array_equal(ds.get_numpy(int(k))["bond_types"], b0):
+            raise MoleculeInputError(f"{spec}: not one molecule: item {int(k)} has a different bond graph than item 0")
+    return MolGraph(atomic_numbers=z0, atom_types=first["atom_types"].astype(np.int64), bond_types=b0,
+                    source=f"{spec}:molecule", index=-1, smiles=first["smiles"], dataset=str(spec),
+                    positions=first["positions"].astype(np.float64), heavy_atoms_only=bool(ds.heavy_atoms_only))
 
 
 def _transfer_from_smiles(mol, smiles: str, heavy_atoms_only: bool) -> bool:

@@ -34,6 +34,8 @@ __all__ = ["register", "SYSTEM_NAMES"]
 SYSTEM_NAMES = ("dw4", "lj13")
 #: default sample counts of ``qmanifold data`` (System.default_n; checked by a test)
 DEFAULT_N = {"dw4": 20000, "lj13": 10000}
+#: what ``qmanifold data`` makes: the particle systems (MCMC) and alanine dipeptide (OpenMM MD, models/boltzmann/aldp.py)
+DATA_SYSTEMS = SYSTEM_NAMES + ("aldp",)
 
 
 def _guard(fn):
@@ -61,7 +63,11 @@ def _add_data(sub) -> None:
         description="Sample a Boltzmann target with the project's own MCMC (MALA on the centre-of-mass-free "
                     "subspace, seeded; burn-in and thinning from the measured autocorrelation time) and cache "
                     "the samples. An existing --out made with the same system, --n and --seed is reused.")
-    p.add_argument("system", choices=SYSTEM_NAMES)
+    p.add_argument("system", choices=DATA_SYSTEMS)
+    p.add_argument("--ns", type=bounded_float(gt=0), default=None,
+                   help="aldp only: nanoseconds of Langevin MD after equilibration, one frame per ps (default 20)")
+    p.add_argument("--equilibration-ps", type=bounded_float(ge=0), default=None,
+                   help="aldp only: equilibration before the first frame (default 100 ps)")
     p.add_argument("--n", type=positive_int, default=None,
                    help="samples (default " + ", ".join(f"{k} {v}" for k, v in DEFAULT_N.items()) + ")")
     p.add_argument("--out", default=None,
@@ -85,6 +91,10 @@ def _add_data(sub) -> None:
 @_guard
 def cmd_data(args: argparse.Namespace) -> int:
     """Handler of ``data``."""
+    if args.system == "aldp":
+        return _data_aldp(args)
+    if args.ns is not None or args.equilibration_ps is not None:
+        raise ValueError("--ns and --equilibration-ps are for `qmanifold data aldp` only; use --n")
     from .data import default_path, load_or_generate
 
     n = args.n or DEFAULT_N[args.system]
@@ -103,6 +113,31 @@ def cmd_data(args: argparse.Namespace) -> int:
           f"{m['chains']} chains, burn-in {m['burn_in']}, tau(energy) {m['tau_energy']:.1f}, "
           f"tau(mean distance) {m['tau_mean_distance']:.1f}, thin {m['thin']}, Geweke z {m['geweke_z_energy']:.2f}; "
           f"mean energy {m['mean_energy']:.3f} +- {m['std_energy']:.3f} (std)")
+    return 0
+
+
+def _data_aldp(args: argparse.Namespace) -> int:
+    """``qmanifold data aldp``: OpenMM Langevin MD of alanine dipeptide (models/boltzmann/aldp.py), cached."""
+    for flag, val in (("--n", args.n), ("--chains", args.chains), ("--burn-in", args.burn_in), ("--pilot", args.pilot),
+                      ("--test-fraction", args.test_fraction)):
+        if val is not None:
+            raise ValueError(f"{flag} is an MCMC option of dw4/lj13; aldp takes --ns (and --equilibration-ps)")
+    from .aldp import default_path, load_or_generate
+
+    ns = 20.0 if args.ns is None else float(args.ns)
+    out = args.out or default_path(ns, args.seed)
+    if os.path.isdir(out):
+        raise ValueError(f"cannot write --out {out}: it is a directory; give a file name")
+    _threads(1)
+    md, path, cached = load_or_generate(ns, out, seed=args.seed, overwrite=args.overwrite, threads=args.threads,
+                                        equilibration_ps=args.equilibration_ps,
+                                        log=(lambda s: None) if args.no_progress else print)
+    m = md["meta"]
+    print(f"[qmanifold] aldp: {len(md['positions'])} frames ({m['ns']:g} ns, one per {m['frame_ps']:g} ps) "
+          f"{'cached' if cached else 'written'} -> {path}")
+    print(f"  MD: {m['integrator']} {m['timestep_fs']:g} fs, friction {m['friction_per_ps']:g}/ps, {m['temperature_K']:g} K, "
+          f"{' + '.join(m['force_field'])}, constraints {m['constraints']}; {m['ns_per_day']:.0f} ns/day on "
+          f"{m['threads']} thread(s); mean energy {m['mean_energy']:.2f} +- {m['std_energy']:.2f} kT (std)")
     return 0
 
 
@@ -165,8 +200,18 @@ def _add_evaluate(sub) -> None:
         description="NLL of held-out MCMC samples (density on the centre-of-mass-free subspace), Kish ESS of the "
                     "importance weights exp(-U/kT)/q of model samples, energy and pair-distance W1 to the ground "
                     "truth before and after reweighting; JSON and PNG plots.")
-    p.add_argument("--system", choices=SYSTEM_NAMES, required=True)
-    p.add_argument("--checkpoint", required=True, help="last.pt of `qmanifold train-boltzmann`")
+    p.add_argument("--system", choices=DATA_SYSTEMS, required=True)
+    p.add_argument("--checkpoint", default=None, help="last.pt of `qmanifold train-boltzmann` (dw4 / lj13)")
+    g = p.add_argument_group("aldp (alanine dipeptide: scores given samples against an independent MD run)")
+    g.add_argument("--samples", default=None,
+                   help="aldp: generated configurations, an SDF of `qmanifold sample --data <aldp .npz> -n N` (atom "
+                        "order kept) or an .npz with positions (S, 22, 3) in Å and optionally log_q (S,)")
+    g.add_argument("--reference", default=None, help="aldp: the reference MD, a .npz of `qmanifold data aldp` "
+                   "(an independent run, not the training data)")
+    g.add_argument("--log-q", default=None,
+                   help="aldp: the model's log-densities of the samples (.npy, or .npz field log_q): enables the ESS "
+                        "and the reweighted Ramachandran plot / KL / energy W1")
+    g.add_argument("--bins", type=positive_int, default=36, help="aldp: Ramachandran bins per angle (default 36)")
     p.add_argument("--data", default=None, help="the .npz of `qmanifold data` (default: the checkpoint's training data)")
     p.add_argument("--n", type=positive_int, default=2000, help="model samples for the ESS and W1 (default 2000)")
     p.add_argument("--n-nll", type=positive_int, default=None, help="held-out samples for the NLL (default --n)")
@@ -195,6 +240,13 @@ def _add_evaluate(sub) -> None:
 @_guard
 def cmd_evaluate_boltzmann(args: argparse.Namespace) -> int:
     """Handler of ``evaluate-boltzmann``."""
+    if args.system == "aldp":
+        return _evaluate_aldp(args)
+    if args.checkpoint is None:
+        raise ValueError(f"--checkpoint is required for --system {args.system}")
+    for flag, val in (("--samples", args.samples), ("--reference", args.reference), ("--log-q", args.log_q)):
+        if val is not None:
+            raise ValueError(f"{flag} is for --system aldp; dw4/lj13 sample from --checkpoint")
     require_file("--checkpoint", args.checkpoint)
     if args.data is not None:
         require_file("--data", args.data)
@@ -250,6 +302,67 @@ def cmd_evaluate_boltzmann(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, results)
         print(f"wrote {args.json}")
     del ck
+    return 0
+
+
+def _evaluate_aldp(args: argparse.Namespace) -> int:
+    """``evaluate-boltzmann --system aldp``: Ramachandran KL, L-fraction, bond W1, energies (+ ESS)."""
+    if args.reference is None or (args.samples is None) == (args.checkpoint is None):
+        raise ValueError("--system aldp needs --reference (an MD .npz) and either --samples (generated configurations) "
+                         "or --checkpoint (a `qmanifold train` model of alanine dipeptide, sampled here with --n "
+                         "configurations and their log-densities)")
+    if args.checkpoint is not None and args.log_q is not None:
+        raise ValueError("--log-q goes with --samples; with --checkpoint the log-densities are computed here")
+    for flag, path in (("--samples", args.samples), ("--checkpoint", args.checkpoint), ("--log-q", args.log_q)):
+        if path is not None:
+            require_file(flag, path)
+    require_file("--reference", args.reference)
+    check_outputs({"--samples": args.samples, "--reference": args.reference, "--log-q": args.log_q,
+                   "--checkpoint": args.checkpoint}, {"--json": args.json}, {"--plots": args.plots},
+                  overwrite=args.overwrite)
+    import time
+
+    from qmanifold.atomic import atomic_write_json
+
+    from . import aldp
+
+    _threads(args.threads)
+    t0 = time.time()
+    if args.checkpoint is not None:
+        x, log_q = aldp.sample_with_log_prob(args.checkpoint, args.reference, args.n, steps=args.steps,
+                                             method=args.method, estimator=args.nll_estimator, seed=args.seed,
+                                             batch_size=args.batch_size, divergence_chunk=args.divergence_chunk,
+                                             use_ema=not args.no_ema)
+    else:
+        x, log_q = aldp.read_samples(args.samples)
+        if args.log_q is not None:
+            log_q = aldp._log_q_from_file(args.log_q, len(x))
+    t_sample = time.time() - t0
+    ref = aldp.load_ensemble(args.reference)
+    results, arrays = aldp.evaluate_samples(x, ref["positions"], e_ref=ref["energy"], log_q=log_q, bins=args.bins)
+    results.update(samples=os.path.abspath(args.samples) if args.samples else None,
+                   checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
+                   reference=os.path.abspath(args.reference), reference_meta=ref["meta"], seconds_sampling=t_sample)
+    if args.checkpoint is not None:
+        results["ode"] = dict(method=args.method, steps=args.steps, estimator=args.nll_estimator, seed=args.seed)
+    print(f"{'metric':<34}{'model':>12}{'MD reference':>14}")
+    print(f"{'Ramachandran KL(MD || model)':<34}{results['ramachandran_kl']:>12.4f}")
+    print(f"{'L-fraction':<34}{results['l_fraction']:>12.4f}{results['l_fraction_reference']:>14.4f}")
+    print(f"{'bond-length W1 (Å)':<34}{results['bond_length_w1']:>12.4f}")
+    print(f"{'phi > 0 fraction':<34}{results['phi_positive_fraction']:>12.4f}{results['phi_positive_fraction_reference']:>14.4f}")
+    print(f"{'energy W1 (kT, clipped)':<34}{results['energy_w1_clipped']:>12.3f}")
+    print(f"{'mean energy (kT)':<34}{results['mean_energy_model']:>12.3f}{results['mean_energy_reference']:>14.3f}")
+    if "ess" in results:
+        print(f"{'ESS %':<34}{results['ess_percent']:>12.2f}")
+        if "ramachandran_kl_reweighted" in results:
+            print(f"{'Ramachandran KL reweighted':<34}{results['ramachandran_kl_reweighted']:>12.4f}")
+            print(f"{'energy W1 reweighted (kT)':<34}{results['energy_w1_reweighted']:>12.3f}")
+    if args.plots:
+        paths = aldp.write_plots(args.plots, results, arrays)
+        print(f"wrote {len(paths)} plots to {args.plots}")
+    if args.json:
+        atomic_write_json(args.json, results)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "lj13_energy",
     "System",
     "SYSTEMS",
+    "MOLECULAR_SYSTEMS",
     "get_system",
 ]
 
@@ -178,9 +179,19 @@ SYSTEMS: dict[str, System] = {
 }
 
 
+#: Boltzmann targets that are molecules with a force field, not identical particles: they have
+#: their own module (energy through OpenMM, MD ground truth, metrics) and train with ``qmanifold
+#: train --data <ensemble .npz>``. ``aldp``: alanine dipeptide, :mod:`.aldp`.
+MOLECULAR_SYSTEMS = {"aldp": "qmanifold.models.boltzmann.aldp"}
+
+
 def get_system(name: str) -> System:
-    """The system called ``name`` (``"dw4"`` or ``"lj13"``); ValueError otherwise."""
+    """The system called ``name`` (``"dw4"`` or ``"lj13"``); ValueError otherwise (for ``"aldp"`` the
+    error names its module, :data:`MOLECULAR_SYSTEMS`)."""
     key = str(name).lower()
+    if key in MOLECULAR_SYSTEMS:
+        raise ValueError(f"{name!r} is a molecular system, not a particle system: use {MOLECULAR_SYSTEMS[key]} "
+                         "(`qmanifold data aldp`, `qmanifold evaluate-boltzmann --system aldp`)")
     if key not in SYSTEMS:
         raise ValueError(f"unknown system {name!r}; choose one of {sorted(SYSTEMS)}")
     return SYSTEMS[key]
