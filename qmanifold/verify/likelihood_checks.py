@@ -62,6 +62,7 @@ import torch
 from .. import likelihood as L
 from ..diffusion import QuotientDiffusion
 from ..schedules import make_interpolant
+from .denoisers import ExactDenoiser
 
 __all__ = [
     "LikelihoodVariant",
@@ -258,8 +259,6 @@ def run_likelihood_checks(
     divergence, once per route the variants need (M and/or Q); the closed forms are evaluated in
     float64. ``tolerance`` defaults to :data:`TOLERANCE` for ``dtype``.
     """
-    from .runner import ExactDenoiser
-
     variants = [LIKELIHOOD_VARIANTS[v] if isinstance(v, str) and v in LIKELIHOOD_VARIANTS else v for v in variants]
     bad = [v for v in variants if not isinstance(v, LikelihoodVariant)]
     if bad:

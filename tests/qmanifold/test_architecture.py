@@ -47,6 +47,11 @@ ALLOWED = {
         ("the verification suite's toy targets ARE built-in groups (SO(2), SE(3), torus, permutations, "
          "lattice): checking the samplers on them is the product's main job, and `qmanifold verify` runs them"),
     ),
+    "qmanifold.verify.curved_targets": (
+        "qmanifold.groups",
+        ("the curved verification targets act with the built-in SO(3) and SE(3) declarations on (S^2)^N and "
+         "SE(3)^N: the same reason as the runner's toy targets"),
+    ),
 }
 
 #: The command-line layer: may import anything; the core must not import it.
