@@ -316,7 +316,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="configurations integrated together (default 64)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; a status line on stderr every minute instead (for logs)")
     add_debug_flag(p, subcommand=True)
     p.set_defaults(func=cmd_sample)
 
@@ -357,7 +358,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     stats: dict = {}
     confs = sample_conformers(qd, graphs, n_per_molecule, steps=args.steps, sampler=args.sampler,
                               seed=args.seed, batch_size=args.batch_size, device=device,
-                              progress=not args.no_progress, geometry=args.geometry,
+                              progress="lines" if args.no_progress else True, geometry=args.geometry,
                               stereo_retries=args.stereo_retries, stereo_repair=not args.no_stereo_repair, stats=stats)
     complete = None
     if args.refine != "none":

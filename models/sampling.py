@@ -428,7 +428,7 @@ def _collate_graphs(graphs: Sequence[MolGraph], device, dtype, stereo_elements: 
 
 def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, steps: int = 50,
                       sampler: str = "ode", seed: int = 0, batch_size: int = 64,
-                      device: str | torch.device | None = None, progress: bool = True,
+                      device: str | torch.device | None = None, progress: bool | str = True,
                       stereo: bool | None = None, num_elements: int | None = None,
                       stereo_retries: int = 0, stereo_repair: bool = False, stats: dict | None = None,
                       **sample_kwargs: Any) -> list[np.ndarray]:
@@ -443,6 +443,8 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
         seed: seed of the sampling generator (same seed and batch size, same conformers).
         batch_size: configurations integrated together (molecules of similar size are grouped).
         device: default: the model's device.
+        progress: ``True`` a progress bar, ``"lines"`` a status line on stderr every minute (for
+            logs), ``False`` nothing (:func:`qmanifold.progress.make_progress`).
         stereo: feed stereo-annotated types (:mod:`qmanifold.models.stereo`); default: whether the
             denoiser is stereo-aware (``chiral_egnn``). ``num_elements`` = the model's element count.
         stereo_retries: with stereo labels, redraw each conformer that does not reproduce every
@@ -510,11 +512,9 @@ def sample_conformers(qd, graphs: Sequence[MolGraph], n_per_molecule: int, *, st
             return -1, labels.num_labelled
         return stereo_agreement(x, graphs[gi].bond_types, labels)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from qmanifold.progress import make_progress
 
-        bar = tqdm(total=len(jobs), desc=f"sampling ({sampler}, {steps} steps)", unit="conf", dynamic_ncols=True)
+    bar = make_progress(len(jobs), progress, f"sampling ({sampler}, {steps} steps)", unit="conf", leave=True)
     redrawn = 0
     try:
         for (gi, k), x in zip(jobs, draw(jobs, bar)):

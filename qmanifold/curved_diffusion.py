@@ -37,6 +37,7 @@ import torch
 
 from ._validation import check_finite
 from .masking import apply_mask, count_points
+from .progress import make_progress
 from .sde import SDE, tame
 from .symbolic import T, as_sympy, lower
 
@@ -72,14 +73,6 @@ def _check_mask_rows(mask) -> None:
         rows = torch.nonzero(~mask.any(-1)).reshape(-1)[:10].tolist()
         raise ValueError(f"mask has a configuration with no real point (batch row(s) {rows}); every "
                          "configuration needs at least one real point")
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def _manifold_of(quotient):
@@ -541,7 +534,7 @@ def sample(model, shape, mask, *, steps, sampler, eta, geometry, generator, time
 
         sde = SDE(drift=drift, diffusion=lambda t: torch.sqrt(2.0 * torch.as_tensor(eta_of_t(t.clamp(max=interp.t_max)))))
     lifted = q.lift(sde, curvature_factor=curvature_factor) if geometry == "quotient" else q.conventional(sde)
-    bar = _progress(times.shape[0] - 1, progress, f"sampling ({sampler}, {geometry}, {manifold.name})")
+    bar = make_progress(times.shape[0] - 1, progress, f"sampling ({sampler}, {geometry}, {manifold.name})")
     callback = (lambda i, t, x: bar.update(1)) if bar is not None else None
     try:
         return integrate(lifted, x0, times=times, method="heun" if sampler == "heun" else "euler_maruyama",

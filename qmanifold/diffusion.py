@@ -46,6 +46,7 @@ from torch import nn
 from . import likelihood as L
 from ._validation import check_finite, check_mask, check_points
 from .masking import apply_mask
+from .progress import make_progress
 from .quotient import Quotient
 from .schedules import GeneralInterpolant, HarmonicPrior, Interpolant, check_time, make_interpolant
 from .sde import SDE, integrate, tame
@@ -129,14 +130,6 @@ def _with_node(times: torch.Tensor, t_max: float) -> torch.Tensor:
     if bool((times == t_max).any()):
         return times
     return torch.sort(torch.cat([times, times.new_tensor([t_max])])).values
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 class QuotientDiffusion(nn.Module):
@@ -569,7 +562,7 @@ class QuotientDiffusion(nn.Module):
         # and nothing in the sampling loop then synchronises with the device
         times_host = self._time_grid(steps, time_grid, dtype, torch.device("cpu"))
         times = times_host.to(device)
-        bar = _progress(times.shape[0] - 1, progress, f"sampling ({sampler}, {geometry})")
+        bar = make_progress(times.shape[0] - 1, progress, f"sampling ({sampler}, {geometry})")
         callback = (lambda i, t, x: bar.update(1)) if bar is not None else None
         monitor = _FiniteMonitor(mask) if defer else None
         outer_monitor, self._monitor = self._monitor, monitor
@@ -874,7 +867,7 @@ class QuotientDiffusion(nn.Module):
         times = _with_node(times, getattr(self.interpolant, "t_max", 1.0)).flip(0).to(x.device)
         probes_t = L.probe_directions(x, probes, probe, mask=mask, generator=generator) if estimator == "hutchinson" else None
         rhs = self._log_prob_rhs(field, route, geometry, probes_t, mask, cond, divergence_chunk, curvature_factor)
-        bar = _progress(times.shape[0] - 1, progress, f"log_prob ({method}, {estimator})")
+        bar = make_progress(times.shape[0] - 1, progress, f"log_prob ({method}, {estimator})")
         callback = (lambda i, t, y: bar.update(1)) if bar is not None else None
         try:
             x0, ell, nfev = L.integrate_log_density(rhs, x, times, method=method, mask=mask, rtol=rtol, atol=atol,

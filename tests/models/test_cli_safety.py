@@ -298,3 +298,21 @@ def test_standalone_module_prints_one_line(bad_files, tmp_path):
     proc = subprocess.run([*cmd, "--debug"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_sample_without_a_bar_still_reports(run_dir, tmp_path, capsys, monkeypatch):
+    """Reported (issue 14): ``sample --no-progress`` printed nothing for 4-12 minutes. Without the bar
+    it writes status lines to stderr (one per minute, then one at the end; here the minute is
+    shortened to 0 s so that a 2-step run shows them)."""
+    import qmanifold.progress
+
+    monkeypatch.setattr(qmanifold.progress, "DEFAULT_LINE_INTERVAL", 0.0)
+    out = tmp_path / "s.sdf"
+    assert main(["sample", "--checkpoint", str(run_dir / "best.pt"), "--smiles", "CO", "--steps", "2",
+                 "--n-per-molecule", "3", "--no-progress", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "[qmanifold] sampling (ode, 2 steps): 3/3 conf (100 %)" in err and "(done)" in err, err
+    monkeypatch.setattr(qmanifold.progress, "DEFAULT_LINE_INTERVAL", 60.0)  # a short run stays quiet
+    assert main(["sample", "--checkpoint", str(run_dir / "best.pt"), "--smiles", "CO", "--steps", "2",
+                 "--no-progress", "--out", str(out), "--overwrite"]) == 0
+    assert "sampling (ode" not in capsys.readouterr().err
