@@ -311,6 +311,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--sampler", default="ode", choices=("ode", "sde", "heun", "edm"), help="(default ode)")
     p.add_argument("--geometry", default=None, choices=("quotient", "conventional"),
                    help="sampler geometry (default: the one matching the training loss)")
+    p.add_argument("--time-grid", default="uniform", choices=("uniform", "edm"),
+                   help="time steps: uniform, or edm (Karras' rho = 7 noise-level spacing: small steps near the "
+                        "data, for finer local geometry at the same step count) (default uniform)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K")
     p.add_argument("--batch-size", type=positive_int, default=64, help="configurations integrated together (default 64)")
@@ -359,6 +362,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     confs = sample_conformers(qd, graphs, n_per_molecule, steps=args.steps, sampler=args.sampler,
                               seed=args.seed, batch_size=args.batch_size, device=device,
                               progress="lines" if args.no_progress else True, geometry=args.geometry,
+                              time_grid=args.time_grid,
                               stereo_retries=args.stereo_retries, stereo_repair=not args.no_stereo_repair, stats=stats)
     complete = None
     if args.refine != "none":

@@ -316,3 +316,16 @@ def test_sample_without_a_bar_still_reports(run_dir, tmp_path, capsys, monkeypat
     assert main(["sample", "--checkpoint", str(run_dir / "best.pt"), "--smiles", "CO", "--steps", "2",
                  "--no-progress", "--out", str(out), "--overwrite"]) == 0
     assert "sampling (ode" not in capsys.readouterr().err
+
+
+def test_sample_time_grid_reaches_the_sampler(run_dir, tmp_path):
+    """``--time-grid edm`` changes the steps (same seed, other conformers); an unknown grid is refused."""
+    texts = {}
+    for grid in ("uniform", "edm"):
+        out = tmp_path / f"{grid}.sdf"
+        assert main(["sample", "--checkpoint", str(run_dir / "best.pt"), "--smiles", "CCO", "--steps", "4",
+                     "--refine", "none", "--time-grid", grid, "--no-progress", "--out", str(out)]) == 0
+        texts[grid] = out.read_text()
+    assert texts["uniform"] != texts["edm"]
+    with pytest.raises(SystemExit):
+        main(["sample", "--checkpoint", str(run_dir / "best.pt"), "--smiles", "CCO", "--time-grid", "cosine"])
