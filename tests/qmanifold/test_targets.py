@@ -110,7 +110,7 @@ def test_matrix_fisher_closed_forms():
         exact = math.log(math.sinh(s) / s) if s < 300 else s - math.log(2 * s) + math.log1p(-math.exp(-2 * s))
         assert abs(lc.item() - exact) < 1e-13 * max(1.0, abs(exact))
         assert abs(g[0].item() - (1 / math.tanh(s) - 1 / s)) < 1e-12
-        assert abs(g[1].item()) < 1e-15 and abs(g[2].item()) < 1e-15
+        assert abs(g[1].item()) < 1e-13 and abs(g[2].item()) < 1e-13  # exactly 0 up to float64 rounding
     # c(s I) = e^s (I0(2s) - I1(2s))  (trace distribution of Haar rotations)
     for s in [0.1, 1.0, 10.0, 1e3, 1e5]:
         lc, g = matrix_fisher_log_normalizer_and_grad(torch.tensor([s, s, s], dtype=F64))
