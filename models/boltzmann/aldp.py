@@ -700,14 +700,14 @@ def write_plots(directory: str | os.PathLike, results: dict, arrays: dict) -> li
 
 def sample_with_log_prob(checkpoint: str | os.PathLike, data: str | os.PathLike, n: int, *, steps: int = 20,
                          method: str = "rk4", estimator: str = "exact", seed: int = 0, batch_size: int = 100,
-                         divergence_chunk: int | None = None, use_ema: bool = True,
+                         divergence_chunk: int | None = None, use_ema: bool = True, probes: int = 1,
                          log: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
     """``n`` configurations ``(n, 22, 3)`` Å of a molecular checkpoint (``qmanifold train --data
     <aldp .npz>``, e.g. ``chiral_egnn``) with their log-densities ``log q`` ``(n,)`` on the
     centre-of-mass-free subspace of ``R^66`` (``QuotientDiffusion.sample(return_log_prob=True,
     space="total")``; probability-flow ODE, ``method`` with ``steps`` steps; ``estimator="exact"``
     costs 66 vector-Jacobian products per evaluation, ``"hutchinson"`` one, but its noise biases
-    the ESS down). Coordinates are Å throughout (the molecular models do not rescale), so ``log q`` is
+    the ESS down; ``probes`` Hutchinson probes per evaluation divide that noise's variance). Coordinates are Å throughout (the molecular models do not rescale), so ``log q`` is
     per Å^63 and ``exp(-U/kT) / q`` are the importance weights. No stereo redraws or repairs: the
     samples are the model's own distribution (the L-fraction measures its chirality)."""
     import torch
@@ -738,7 +738,8 @@ def sample_with_log_prob(checkpoint: str | os.PathLike, data: str | os.PathLike,
         b = min(int(batch_size), int(n) - s)
         cond = _collate_graphs([graph] * b, "cpu", dtype, stereo_elements)
         x, lq = qd.sample(mask=cond["mask"], steps=steps, sampler="ode", method=method, generator=gen, dtype=dtype,
-                          return_log_prob=True, space="total", estimator=estimator, divergence_chunk=divergence_chunk,
+                          return_log_prob=True, space="total", estimator=estimator, probes=int(probes),
+                          divergence_chunk=divergence_chunk,
                           atom_types=cond["atom_types"], bond_types=cond["bond_types"])
         xs.append(x.to(torch.float64).numpy())
         lqs.append(lq.to(torch.float64).numpy())

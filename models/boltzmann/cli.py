@@ -218,7 +218,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=20, help="RK4 steps of the ODE (default 20)")
     p.add_argument("--method", choices=("rk4", "heun", "euler"), default="rk4")
     p.add_argument("--nll-estimator", choices=("exact", "hutchinson"), default="exact",
-                   help="trace estimator for the NLL (the ESS always uses the exact trace)")
+                   help="trace estimator for the NLL (dw4/lj13: their ESS always uses the exact trace; aldp "
+                        "--checkpoint: the estimator of the samples' log q, hence of the ESS: exact costs 66 "
+                        "vector-Jacobian products per network call, hutchinson --probes)")
     p.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes (default 1)")
     p.add_argument("--steps-table", type=positive_int, nargs="+", default=None,
                    help="also tabulate the NLL (exact trace) of --steps-table-n held-out samples for these step counts")
@@ -332,7 +334,7 @@ def _evaluate_aldp(args: argparse.Namespace) -> int:
         x, log_q = aldp.sample_with_log_prob(args.checkpoint, args.reference, args.n, steps=args.steps,
                                              method=args.method, estimator=args.nll_estimator, seed=args.seed,
                                              batch_size=args.batch_size, divergence_chunk=args.divergence_chunk,
-                                             use_ema=not args.no_ema)
+                                             use_ema=not args.no_ema, probes=args.probes)
     else:
         x, log_q = aldp.read_samples(args.samples)
         if args.log_q is not None:
@@ -344,7 +346,8 @@ def _evaluate_aldp(args: argparse.Namespace) -> int:
                    checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
                    reference=os.path.abspath(args.reference), reference_meta=ref["meta"], seconds_sampling=t_sample)
     if args.checkpoint is not None:
-        results["ode"] = dict(method=args.method, steps=args.steps, estimator=args.nll_estimator, seed=args.seed)
+        results["ode"] = dict(method=args.method, steps=args.steps, estimator=args.nll_estimator, seed=args.seed,
+                              probes=args.probes if args.nll_estimator == "hutchinson" else None)
     print(f"{'metric':<34}{'model':>12}{'MD reference':>14}")
     print(f"{'Ramachandran KL(MD || model)':<34}{results['ramachandran_kl']:>12.4f}")
     print(f"{'L-fraction':<34}{results['l_fraction']:>12.4f}{results['l_fraction_reference']:>14.4f}")

@@ -318,3 +318,21 @@ def test_evaluate_boltzmann_samples_a_checkpoint_with_log_densities(md_file, tin
     assert main(["evaluate-boltzmann", "--system", "aldp", "--checkpoint", str(tiny_run / "last.pt"), "--reference",
                  str(md_file), "--log-q", str(out)]) == 2
     assert "--log-q goes with --samples" in capsys.readouterr().err
+
+
+def test_hutchinson_probes_reach_the_log_densities(md_file, tiny_run, tmp_path):
+    """``--probes K`` is passed on: same samples (the probes are drawn after the initial noise), other
+    log q; the JSON records K."""
+    from qmanifold.models.boltzmann.aldp import sample_with_log_prob
+
+    quiet = lambda *_: None  # noqa: E731
+    kw = dict(steps=2, method="euler", estimator="hutchinson", seed=3, batch_size=3, log=quiet)
+    x1, lq1 = sample_with_log_prob(tiny_run / "last.pt", md_file, 3, probes=1, **kw)
+    x3, lq3 = sample_with_log_prob(tiny_run / "last.pt", md_file, 3, probes=3, **kw)
+    # same draws up to float32 rounding (the replicated batch differs in size)
+    assert np.allclose(x1, x3, atol=1e-4) and np.all(np.isfinite(lq3)) and np.abs(lq1 - lq3).max() > 1e-3
+    out = tmp_path / "p.json"
+    assert main(["evaluate-boltzmann", "--system", "aldp", "--checkpoint", str(tiny_run / "last.pt"), "--reference",
+                 str(md_file), "--n", "2", "--steps", "2", "--nll-estimator", "hutchinson", "--probes", "3",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["ode"]["probes"] == 3
