@@ -325,7 +325,7 @@ def test_hutchinson_probes_reach_the_log_densities(md_file, tiny_run, tmp_path):
     log q; the JSON records K."""
     from qmanifold.models.boltzmann.aldp import sample_with_log_prob
 
-    quiet = lambda *_: None  # noqa: E731
+    quiet = lambda *_: None
     kw = dict(steps=2, method="euler", estimator="hutchinson", seed=3, batch_size=3, log=quiet)
     x1, lq1 = sample_with_log_prob(tiny_run / "last.pt", md_file, 3, probes=1, **kw)
     x3, lq3 = sample_with_log_prob(tiny_run / "last.pt", md_file, 3, probes=3, **kw)
