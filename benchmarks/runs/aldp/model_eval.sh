@@ -22,7 +22,7 @@ case "$1" in
     wait
     for grid in uniform edm; do
       qmanifold evaluate-boltzmann --system aldp --samples "$out/select_$grid.sdf" --reference "$train" \
-        --json "$out/select_$grid.json"
+        --json "$out/select_$grid.json" --overwrite
     done ;;
   report)
     for seed in 0 1; do
