@@ -1,6 +1,11 @@
-import numpy as np, sys
+import sys
+
+import numpy as np
 from rdkit import Chem
+
 from qmanifold.models.boltzmann import aldp
+
+
 def load_sdf(p):
     return np.stack([m.GetConformer().GetPositions() for m in Chem.SDMolSupplier(p, removeHs=False)])
 X = np.load(sys.argv[1])['positions']
